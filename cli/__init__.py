@@ -1,0 +1,1 @@
+"""The lorascope command line (installed as ``lorascope.cli``)."""
