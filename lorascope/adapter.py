@@ -38,14 +38,21 @@ _KIND_RULES: tuple[tuple[str, str], ...] = (
     (r"(value|v_proj|v_lin|to_v|wv|v)", "v"),
     # MLP: gate / up (into the wide hidden) / down (back to d_model)
     (r"(gate_proj|w1|gate)", "gate"),
-    (r"(intermediate[._]dense|up_proj|c_fc|fc1|lin1|dense_h_to_4h|w3|ff[._]net[._]0[._]proj)", "up"),
+    (
+        r"(intermediate[._]dense|up_proj|c_fc|fc1|lin1|dense_h_to_4h|w3|ff[._]net[._]0[._]proj)",
+        "up",
+    ),
     (r"(output[._]dense|down_proj|mlp[._]c_proj|fc2|lin2|dense_4h_to_h|w2|ff[._]net[._]2)", "down"),
     (r"(embed_tokens|wte|word_embeddings|embeddings|embed|shared)", "embed"),
 )
-_KIND_RES = tuple((re.compile(rf"(?:^|[._]){pat}$", re.IGNORECASE), kind) for pat, kind in _KIND_RULES)
+_KIND_RES = tuple(
+    (re.compile(rf"(?:^|[._]){pat}$", re.IGNORECASE), kind) for pat, kind in _KIND_RULES
+)
 
 # Containers whose next component is the block index: h.3, layer.3, layers.3, blocks.3, block.3.
-_LAYER_RE = re.compile(r"(?:^|[._])(?:h|layer|layers|blocks|block|transformer_blocks)[._](\d+)(?:[._]|$)")
+_LAYER_RE = re.compile(
+    r"(?:^|[._])(?:h|layer|layers|blocks|block|transformer_blocks)[._](\d+)(?:[._]|$)"
+)
 _ANY_INT_RE = re.compile(r"(?:^|[._])(\d+)(?:[._]|$)")
 
 
@@ -169,8 +176,13 @@ class LoraModule:
             )
         d = self.d_out // n_parts
         return [
-            replace(self, B=self.B[p * d : (p + 1) * d], part=FUSED_PARTS[p], kind=FUSED_PARTS[p],
-                    rows=(p * d, (p + 1) * d))
+            replace(
+                self,
+                B=self.B[p * d : (p + 1) * d],
+                part=FUSED_PARTS[p],
+                kind=FUSED_PARTS[p],
+                rows=(p * d, (p + 1) * d),
+            )
             for p in range(n_parts)
         ]
 

@@ -1,0 +1,29 @@
+"""The analyses of Hu et al. 2021 §7, over one module or a whole adapter.
+
+Kernels live in :mod:`lorascope.linalg`; these functions walk adapters and return tidy results
+with ``to_dict()`` (the CLI's JSON contract).
+"""
+
+from lorascope.analysis.projection import ProjectionResult, amplify, module_amplification
+from lorascope.analysis.similarity import (
+    SimilarityResult,
+    module_similarity,
+    similarity,
+    subspace_basis,
+    weight_similarity,
+)
+from lorascope.analysis.spectrum import SpectrumResult, module_spectrum, spectrum
+
+__all__ = [
+    "ProjectionResult",
+    "SimilarityResult",
+    "SpectrumResult",
+    "amplify",
+    "module_amplification",
+    "module_similarity",
+    "module_spectrum",
+    "similarity",
+    "spectrum",
+    "subspace_basis",
+    "weight_similarity",
+]

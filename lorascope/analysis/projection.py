@@ -1,0 +1,146 @@
+"""How does ΔW relate to W? Projections and amplification, Hu et al. 2021 §7.3, Table 7.
+
+Project the pre-trained ``W`` onto the ``r``-dimensional subspace of ``ΔW``: ``‖Uᵀ W V‖_F``
+with ``U``, ``V`` the top-``r`` left/right singular vectors of ``ΔW``; compare with ``U``, ``V``
+from ``W``'s own top-``r`` and from a random matrix. The amplification factor
+``‖ΔW‖_F / ‖Uᵀ W V‖_F`` says how strongly ΔW amplifies directions that ``W`` has but does not
+emphasise (paper, GPT-3 layer 48 W_q: 6.91/0.32 ≈ 21.5 at r = 4, ≈ 1.9 at r = 64).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from lorascope.adapter import Adapter, LoraModule
+from lorascope.analysis._common import Device, module_svd
+from lorascope.errors import ShapeError, ZeroUpdateError
+from lorascope.linalg import projection_norm, random_orthonormal, top_singular
+
+__all__ = ["ProjectionResult", "module_amplification", "amplify"]
+
+
+@dataclass
+class ProjectionResult:
+    """Table 7 for one module; every norm is a Frobenius norm.
+
+    Attributes
+    ----------
+    k : int
+        Dimension of the projection, ``min(r, d_out, d_in)``.
+    norm_delta, norm_weight : float
+        ``‖ΔW‖_F``, ``‖W‖_F``.
+    proj_delta, proj_weight, proj_random : float
+        ``‖Uᵀ W V‖_F`` with ``U, V`` the top-``k`` singular vectors of ``ΔW``, of ``W``, and of
+        a seeded random Gaussian matrix.
+    random_expected : float
+        ``k·‖W‖_F / sqrt(d_out·d_in)``, the closed-form size of ``proj_random``.
+    amplification : float
+        ``‖ΔW‖_F / proj_delta`` (``inf`` if ``W`` has no component in ΔW's subspace).
+    """
+
+    module: str
+    layer: int | None
+    kind: str
+    rank: int
+    k: int
+    shape: tuple[int, int]
+    norm_delta: float
+    norm_weight: float
+    proj_delta: float
+    proj_weight: float
+    proj_random: float
+    random_expected: float
+    amplification: float
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        if not math.isfinite(self.amplification):
+            d["amplification"] = None
+        return d
+
+
+def module_amplification(
+    module: LoraModule,
+    W: torch.Tensor,
+    *,
+    seed: int = 0,
+    method: Literal["auto", "exact", "iterative"] = "auto",
+    dtype: torch.dtype = torch.float64,
+    device: Device = None,
+) -> ProjectionResult:
+    """Table 7 quantities for one module against its pre-trained weight.
+
+    Parameters
+    ----------
+    module : LoraModule
+        ``ΔW = s·B A`` of shape ``(d_out, d_in)``, rank ``r``.
+    W : torch.Tensor
+        ``(d_out, d_in)`` pre-trained weight in nn.Linear orientation (any float dtype).
+    seed : int
+        Seeds the random baseline.
+    method :
+        How ``W``'s top-``r`` subspace is found (:func:`lorascope.linalg.top_singular`).
+
+    Returns
+    -------
+    ProjectionResult
+    """
+    if tuple(W.shape) != module.shape:
+        raise ShapeError(f"{module.tensor_name()}: base W {tuple(W.shape)} vs ΔW {module.shape}")
+    svd = module_svd(module, dtype=dtype, device=device)
+    W = W.to(device=svd.U.device, dtype=dtype)  # one upcast copy of W, not more
+    norm_w = float(torch.linalg.matrix_norm(W))
+    if norm_w == 0.0:
+        raise ZeroUpdateError(f"{module.tensor_name()}: the base weight W is all zero")
+    k = min(module.rank, *module.shape)
+    U, V = svd.U[:, :k], svd.V[:, :k]  # (out, k), (in, k)
+    proj_delta = projection_norm(W, U, V)
+    proj_weight = float(torch.linalg.vector_norm(top_singular(W, k, method=method, seed=seed).S))
+    g = torch.Generator().manual_seed(seed)
+    Ur = random_orthonormal(module.d_out, k, g, dtype=dtype).to(W.device)
+    Vr = random_orthonormal(module.d_in, k, g, dtype=dtype).to(W.device)
+    norm_delta = float(torch.linalg.vector_norm(svd.S))
+    return ProjectionResult(
+        module=module.key,
+        layer=module.layer,
+        kind=module.kind,
+        rank=module.rank,
+        k=k,
+        shape=module.shape,
+        norm_delta=norm_delta,
+        norm_weight=norm_w,
+        proj_delta=proj_delta,
+        proj_weight=proj_weight,
+        proj_random=projection_norm(W, Ur, Vr),
+        random_expected=k * norm_w / math.sqrt(module.d_out * module.d_in),
+        amplification=norm_delta / proj_delta if proj_delta > 0 else math.inf,
+    )
+
+
+def amplify(
+    adapter: Adapter,
+    base,
+    *,
+    layer: int | None = None,
+    module: str | None = None,
+    seed: int = 0,
+    method: Literal["auto", "exact", "iterative"] = "auto",
+    dtype: torch.dtype = torch.float64,
+    device: Device = None,
+) -> list[ProjectionResult]:
+    """:func:`module_amplification` for every selected module of ``adapter``.
+
+    ``base`` is a :class:`lorascope.formats.BaseWeights` (or anything with
+    ``weight_for(module) -> Tensor``); only the weights of the selected modules are read.
+    """
+    return [
+        module_amplification(
+            m, base.weight_for(m), seed=seed, method=method, dtype=dtype, device=device
+        )
+        for m in adapter.select(layer=layer, module=module)
+    ]

@@ -1,0 +1,272 @@
+"""How similar are two adapters' subspaces? Hu et al. 2021 §7.2, Figures 3, 4, 6–8.
+
+φ(i, j) = ‖U_iᵀ V_j‖_F² / min(i, j) between the top-i directions of one update and the top-j
+of another (different ranks, seeds, checkpoints), or of the pre-trained ``W`` (Figure 8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from lorascope.adapter import Adapter, LoraModule
+from lorascope.analysis._common import Device, module_svd, pair_modules
+from lorascope.errors import ShapeError
+from lorascope.linalg import (
+    expected_random_similarity,
+    random_orthonormal,
+    singular_basis,
+    subspace_similarity,
+    top_singular,
+)
+
+__all__ = [
+    "Factor",
+    "SimilarityResult",
+    "subspace_basis",
+    "module_similarity",
+    "similarity",
+    "weight_similarity",
+]
+
+Factor = Literal["A", "B", "right", "left"]
+FACTORS: tuple[str, ...] = ("A", "B", "right", "left")
+
+
+@dataclass
+class SimilarityResult:
+    """φ grid for one pair of modules.
+
+    ``phi[i-1, j-1]`` is φ(i, j) for ``i <= rank`` directions of the first update and
+    ``j <= rank_b`` of the second; ``random_phi`` is the same grid for two Haar-random
+    subspaces of ``R^dim`` (seeded), and ``expected_random`` its closed-form mean
+    ``max(i, j)/dim``.
+    """
+
+    module: str
+    layer: int | None
+    kind: str
+    rank: int
+    rank_b: int
+    factor: str
+    dim: int
+    phi: np.ndarray
+    random_phi: np.ndarray | None = None
+    module_b: str | None = None
+
+    @property
+    def expected_random(self) -> np.ndarray:
+        return expected_random_similarity(self.dim, *self.phi.shape)
+
+    def to_dict(self) -> dict:
+        return {
+            "module": self.module,
+            "module_b": self.module_b or self.module,
+            "layer": self.layer,
+            "kind": self.kind,
+            "rank": self.rank,
+            "rank_b": self.rank_b,
+            "factor": self.factor,
+            "dim": self.dim,
+            "phi": self.phi.tolist(),
+            "random_phi": None if self.random_phi is None else self.random_phi.tolist(),
+            "expected_random": self.expected_random.tolist(),
+        }
+
+
+def subspace_basis(
+    module: LoraModule,
+    factor: Factor = "A",
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: Device = None,
+) -> torch.Tensor:
+    """Ordered orthonormal directions of one module that φ compares.
+
+    - ``"A"``: right-singular vectors of ``A`` (``(d_in, r)``), the paper's default (§7.2);
+    - ``"B"``: left-singular vectors of ``B`` (``(d_out, r)``);
+    - ``"right"`` / ``"left"``: right (``(d_in, k)``) / left (``(d_out, k)``) singular vectors of
+      ``ΔW = s·B A`` itself, from the factored SVD.
+
+    Only ``"right"``/``"left"`` are invariant to how the product is split between the factors
+    (``B → B G, A → G⁻¹ A``); ``"A"``/``"B"`` order directions by one factor's singular values,
+    as the paper does, so they change with ``G`` except at ``i = r``.
+    """
+    if factor == "A":
+        A = module.A if device is None else module.A.to(device)
+        return singular_basis(A, "right", dtype=dtype)
+    if factor == "B":
+        B = module.B if device is None else module.B.to(device)
+        return singular_basis(B, "left", dtype=dtype)
+    if factor in ("right", "left"):
+        svd = module_svd(module, dtype=dtype, device=device)
+        return svd.V if factor == "right" else svd.U
+    raise ValueError(f"factor must be one of {FACTORS}, got {factor!r}")
+
+
+def module_similarity(
+    a: LoraModule,
+    b: LoraModule,
+    factor: Factor = "A",
+    *,
+    max_i: int | None = None,
+    max_j: int | None = None,
+    baseline: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: Device = None,
+) -> SimilarityResult:
+    """φ(i, j) between module ``a``'s top-i and module ``b``'s top-j directions (eq. 4).
+
+    Parameters
+    ----------
+    a, b : LoraModule
+        Two updates of the same weight (e.g. ``r = 8`` and ``r = 64``, or two seeds).
+    factor : {"A", "B", "right", "left"}
+        Which directions (see :func:`subspace_basis`); the paper uses ``"A"``.
+    max_i, max_j : int, optional
+        Grid size, at most the ranks; default the full ranks.
+    baseline : bool
+        Also compute the grid for two Haar-random subspaces of the same dimension (seeded by
+        ``seed``), the paper's Figure 4 random panel.
+
+    Returns
+    -------
+    SimilarityResult
+        ``phi`` of shape ``(max_i, max_j)``, values in [0, 1].
+    """
+    if a.d_in != b.d_in or a.d_out != b.d_out:
+        raise ShapeError(
+            f"cannot compare {a.tensor_name()} ΔW {a.shape} with {b.tensor_name()} ΔW {b.shape}"
+        )
+    if a.scale == 0 or b.scale == 0:
+        # φ on A or B alone would ignore a zero scale; route through the checked SVD.
+        module_svd(a if a.scale == 0 else b, dtype=dtype, device=device)
+    Ua = subspace_basis(a, factor, dtype=dtype, device=device)  # (n, p)
+    Ub = subspace_basis(b, factor, dtype=dtype, device=device)  # (n, q)
+    phi = subspace_similarity(Ua, Ub, max_i, max_j)  # (i, j)
+    n = Ua.shape[0]
+    rnd = None
+    if baseline:
+        g = torch.Generator().manual_seed(seed)
+        Ra = random_orthonormal(n, phi.shape[0], g, dtype=dtype)
+        Rb = random_orthonormal(n, phi.shape[1], g, dtype=dtype)
+        rnd = subspace_similarity(Ra, Rb).cpu().numpy()
+    return SimilarityResult(
+        module=a.key,
+        module_b=b.key,
+        layer=a.layer,
+        kind=a.kind,
+        rank=a.rank,
+        rank_b=b.rank,
+        factor=factor,
+        dim=n,
+        phi=phi.cpu().numpy(),
+        random_phi=rnd,
+    )
+
+
+def similarity(
+    a: Adapter,
+    b: Adapter,
+    *,
+    layer: int | None = None,
+    module: str | None = None,
+    factor: Factor = "A",
+    max_i: int | None = None,
+    max_j: int | None = None,
+    baseline: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: Device = None,
+) -> list[SimilarityResult]:
+    """:func:`module_similarity` for every module the two adapters share (Figures 3, 4, 6, 7).
+
+    Modules are matched by name (then by layer and kind); ``layer``/``module`` select as in
+    :meth:`~lorascope.adapter.Adapter.select`. Each pair gets its own seeded baseline
+    (``seed + index``).
+    """
+    pairs = pair_modules(
+        a.select(layer=layer, module=module), b.select(layer=layer, module=module), a.path, b.path
+    )
+    return [
+        module_similarity(
+            ma,
+            mb,
+            factor,
+            max_i=max_i,
+            max_j=max_j,
+            baseline=baseline,
+            seed=seed + k,
+            dtype=dtype,
+            device=device,
+        )
+        for k, (ma, mb) in enumerate(pairs)
+    ]
+
+
+def weight_similarity(
+    module: LoraModule,
+    W: torch.Tensor,
+    *,
+    side: Literal["right", "left"] = "right",
+    max_i: int = 64,
+    max_j: int | None = None,
+    baseline: bool = True,
+    seed: int = 0,
+    method: Literal["auto", "exact", "iterative"] = "auto",
+    dtype: torch.dtype = torch.float64,
+    device: Device = None,
+) -> SimilarityResult:
+    """φ between the top-i singular directions of ``W`` and the top-j of ``ΔW`` (Figure 8).
+
+    Parameters
+    ----------
+    module : LoraModule
+        The update, ``ΔW`` of shape ``(d_out, d_in)``.
+    W : torch.Tensor
+        ``(d_out, d_in)`` pre-trained weight, nn.Linear orientation.
+    side : {"right", "left"}
+        Input-side (``V``, in ``R^{d_in}``; default, matching the paper's use of ``A``'s row
+        space) or output-side (``U``, in ``R^{d_out}``) directions.
+    max_i : int
+        How many of ``W``'s top directions (computed by :func:`lorascope.linalg.top_singular`:
+        exact when cheap, ARPACK otherwise).
+    max_j : int, optional
+        How many of ``ΔW``'s; default its rank.
+
+    Returns
+    -------
+    SimilarityResult
+        ``phi[i-1, j-1]`` = φ(W top-i, ΔW top-j); ``rank`` is ``max_i``, ``rank_b`` the
+        module's rank, ``factor`` is ``"W-" + side``.
+    """
+    if tuple(W.shape) != module.shape:
+        raise ShapeError(f"{module.tensor_name()}: base W {tuple(W.shape)} vs ΔW {module.shape}")
+    if device is not None:
+        W = W.to(device)
+    svd = module_svd(module, dtype=dtype, device=device)
+    Ud = svd.V if side == "right" else svd.U  # (n, k)
+    Wsvd = top_singular(W, max_i, method=method, seed=seed, dtype=dtype)
+    Uw = Wsvd.V if side == "right" else Wsvd.U  # (n, max_i)
+    phi = subspace_similarity(Uw, Ud, None, max_j)
+    n = Uw.shape[0]
+    rnd = None
+    if baseline:
+        g = torch.Generator().manual_seed(seed)
+        R = random_orthonormal(n, phi.shape[0], g, dtype=dtype)
+        rnd = subspace_similarity(R, Ud.cpu(), None, max_j).cpu().numpy()
+    return SimilarityResult(
+        module=module.key,
+        layer=module.layer,
+        kind=module.kind,
+        rank=int(phi.shape[0]),
+        rank_b=module.rank,
+        factor=f"W-{side}",
+        dim=n,
+        phi=phi.cpu().numpy(),
+        random_phi=rnd,
+    )

@@ -1,0 +1,271 @@
+"""Linear-algebra kernels: tensors in, tensors out. Nothing here knows about files or modules.
+
+The central trick (DESIGN.md): never form ``ΔW = s·B A`` to analyse it. With thin QR
+factorizations ``B = Q_b R_b`` and ``Aᵀ = Q_a R_a``,
+
+    ΔW = s · Q_b (R_b R_aᵀ) Q_aᵀ,
+
+so the SVD of the small ``r×r`` core ``R_b R_aᵀ = U_c Σ V_cᵀ`` gives the exact thin SVD
+``ΔW = (Q_b U_c)(s Σ)(Q_a V_c)ᵀ`` in ``O((d_out + d_in)·r²)`` instead of the
+``O(d_out·d_in·min(d_out, d_in))`` of a dense SVD.
+
+All kernels upcast to ``dtype`` (float64 by default) before any factorization: half-precision
+QR/SVD is either unsupported or loses the small singular values the analyses care about.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "SVD",
+    "factored_svd",
+    "top_singular",
+    "singular_basis",
+    "random_orthonormal",
+    "subspace_similarity",
+    "expected_random_similarity",
+    "projection_norm",
+    "default_rcond",
+]
+
+
+class SVD(NamedTuple):
+    """A thin SVD ``M ≈ U diag(S) Vᵀ`` with ``S`` descending.
+
+    ``U`` is ``(m, k)``, ``S`` is ``(k,)``, ``V`` is ``(n, k)`` (note: ``V``, not ``Vᴴ``).
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+
+def _upcast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # fp16/bf16 -> dtype before any factorization (peft does the same before its SVDs).
+    return x.to(dtype) if x.dtype != dtype else x
+
+
+def _fix_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic signs: the largest-magnitude entry of each column of ``U`` is positive.
+
+    The same flip is applied to ``V`` so ``U diag(S) Vᵀ`` is unchanged. Works batched
+    (``U`` of shape ``(..., m, k)``).
+    """
+    idx = U.abs().argmax(dim=-2, keepdim=True)  # (..., 1, k)
+    signs = torch.sign(torch.gather(U, -2, idx))  # (..., 1, k)
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return U * signs, V * signs
+
+
+def factored_svd(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float = 1.0,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> SVD:
+    """Exact thin SVD of ``ΔW = scale · B @ A`` without forming ``ΔW``.
+
+    Parameters
+    ----------
+    A : torch.Tensor
+        ``(..., r, d_in)`` down-projection (any float dtype; upcast to ``dtype``).
+    B : torch.Tensor
+        ``(..., d_out, r)`` up-projection.
+    scale : float
+        ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
+    dtype : torch.dtype
+        Computation dtype, float64 by default.
+
+    Returns
+    -------
+    SVD
+        ``U (..., d_out, k)``, ``S (..., k)`` descending and ``>= 0``, ``V (..., d_in, k)``
+        with ``k = min(r, d_out, d_in)``; signs fixed so the largest entry of each ``U``
+        column is positive.
+
+    Notes
+    -----
+    With ``B = Q_b R_b`` and ``Aᵀ = Q_a R_a`` (thin QR), ``ΔW = s·Q_b (R_b R_aᵀ) Q_aᵀ``; the
+    SVD of the ``r×r`` core gives ``ΔW``'s. Cost ``O((d_out + d_in)·r² + r³)`` versus
+    ``O(d_out·d_in·min(d_out, d_in))`` for ``numpy.linalg.svd(s·B@A)`` (the peers' route).
+    Singular vectors beyond the numerical rank span an arbitrary completion, as in a dense SVD.
+
+    Examples
+    --------
+    >>> import torch
+    >>> A = torch.tensor([[1.0, 0.0, 0.0]])          # (r=1, d_in=3)
+    >>> B = torch.tensor([[0.0], [2.0]])             # (d_out=2, r=1)
+    >>> factored_svd(A, B, scale=0.5).S              # ΔW = 0.5·B@A has one σ = 0.5·2·1
+    tensor([1.], dtype=torch.float64)
+    """
+    A = _upcast(A, dtype)
+    B = _upcast(B, dtype)
+    Qb, Rb = torch.linalg.qr(B)  # (.., out, kb), (.., kb, r)
+    Qa, Ra = torch.linalg.qr(A.mT)  # (.., in, ka), (.., ka, r)
+    core = Rb @ Ra.mT  # (.., kb, r) @ (.., r, ka) -> (.., kb, ka)
+    Uc, Sc, Vch = torch.linalg.svd(core, full_matrices=False)  # (.., kb, k), (.., k), (.., k, ka)
+    U = Qb @ Uc  # (.., out, k)
+    V = Qa @ Vch.mT  # (.., in, k)
+    S = Sc * abs(float(scale))
+    if scale < 0:  # σ >= 0: move the sign into U
+        U = -U
+    U, V = _fix_signs(U, V)
+    return SVD(U, S, V)
+
+
+def default_rcond(shape: tuple[int, int], dtype: torch.dtype = torch.float64) -> float:
+    """Relative cut-off below which a singular value counts as zero: ``eps(dtype)·max(shape)``.
+
+    The same rule as ``scipy.linalg.orth`` / ``numpy.linalg.matrix_rank``.
+    """
+    return float(torch.finfo(dtype).eps * max(shape))
+
+
+def singular_basis(
+    M: torch.Tensor, side: Literal["left", "right"], *, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Orthonormal singular vectors of a small-rank factor, ordered by singular value.
+
+    ``side="right"`` returns ``V`` (``(n, min(m, n))``), ``"left"`` returns ``U``
+    (``(m, min(m, n))``), for ``M`` of shape ``(m, n)``. For a LoRA ``A`` (``r×d_in``) the right
+    singular vectors span its row space, the paper's default input to φ (Hu et al. 2021 §7.2).
+    """
+    U, _, Vh = torch.linalg.svd(_upcast(M, dtype), full_matrices=False)
+    U, V = _fix_signs(U, Vh.mT)
+    return V if side == "right" else U
+
+
+def top_singular(
+    W: torch.Tensor,
+    k: int,
+    *,
+    method: Literal["auto", "exact", "iterative"] = "auto",
+    exact_max: int = 2048,
+    tol: float = 1e-10,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> SVD:
+    """Top-``k`` singular triplets of a dense matrix ``W`` (``(m, n)``).
+
+    ``method="exact"`` runs a full ``torch.linalg.svd`` and truncates: used by ``"auto"`` when
+    ``min(m, n) <= exact_max`` or ``k`` is close to ``min(m, n)``. ``"iterative"`` runs
+    ARPACK's implicitly restarted Lanczos (``scipy.sparse.linalg.svds``) with relative
+    tolerance ``tol`` on the singular values (DESIGN.md: never a full SVD of a large ``W``).
+
+    Returns an :class:`SVD` with ``U (m, k)``, ``S (k,)`` descending, ``V (n, k)``,
+    deterministic signs.
+    """
+    m, n = W.shape
+    k = min(k, m, n)
+    if method == "auto":
+        method = "exact" if min(m, n) <= exact_max or k >= min(m, n) - 1 else "iterative"
+    if method == "exact" or k >= min(m, n):
+        U, S, Vh = torch.linalg.svd(_upcast(W, dtype), full_matrices=False)
+        U, V = _fix_signs(U[:, :k], Vh[:k].mT)
+        return SVD(U, S[:k], V)
+    from scipy.sparse.linalg import svds
+
+    Wn = _upcast(W, dtype).cpu().numpy()
+    v0 = np.random.default_rng(seed).standard_normal(min(m, n))
+    u, s, vh = svds(Wn, k=k, tol=tol, v0=v0, solver="arpack")
+    order = np.argsort(s)[::-1].copy()
+    U = torch.from_numpy(u[:, order].copy()).to(W.device)
+    V = torch.from_numpy(vh[order].T.copy()).to(W.device)
+    S = torch.from_numpy(s[order].copy()).to(W.device)
+    U, V = _fix_signs(U, V)
+    return SVD(U, S, V)
+
+
+def random_orthonormal(
+    n: int,
+    k: int,
+    generator: torch.Generator,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """A Haar-random orthonormal ``(n, k)`` basis: QR of a Gaussian matrix, signs of ``R``'s
+    diagonal moved into ``Q``.
+
+    These are the singular directions of a random Gaussian matrix, the paper's baseline in
+    Figure 4 and Table 7 (Hu et al. 2021 §7.2–7.3).
+    """
+    G = torch.randn(n, k, generator=generator, dtype=dtype)
+    Q, R = torch.linalg.qr(G)  # (n, k), (k, k)
+    return Q * torch.sign(torch.diagonal(R)).unsqueeze(0)
+
+
+def subspace_similarity(
+    U: torch.Tensor,
+    V: torch.Tensor,
+    max_i: int | None = None,
+    max_j: int | None = None,
+) -> torch.Tensor:
+    """Normalized subspace similarity for every ``i <= max_i``, ``j <= max_j`` (paper eq. 4).
+
+    .. math:: φ(i, j) = ‖U_{:, :i}ᵀ V_{:, :j}‖_F² / \\min(i, j)  ∈ [0, 1]
+
+    Parameters
+    ----------
+    U : torch.Tensor
+        ``(n, p)`` orthonormal columns, ordered (e.g. by singular value).
+    V : torch.Tensor
+        ``(n, q)`` orthonormal columns.
+    max_i, max_j : int, optional
+        Grid size; default and upper limit ``p`` and ``q``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(max_i, max_j)``; entry ``[i-1, j-1]`` is φ(i, j). Equals ``mean(cos² θ)`` over the
+        principal angles θ between the two subspaces (``scipy.linalg.subspace_angles``).
+
+    Notes
+    -----
+    One product ``M = UᵀV`` and a 2-D cumulative sum of ``M²`` give the whole grid, since
+    ``‖U_iᵀ V_j‖_F² = Σ_{a<i, b<j} M[a, b]²`` (Hu et al. 2021 §7.2, Appendix G).
+
+    Examples
+    --------
+    >>> import torch
+    >>> I = torch.eye(4, dtype=torch.float64)
+    >>> subspace_similarity(I[:, :2], I[:, :2])      # identical subspaces
+    tensor([[1., 1.],
+            [1., 1.]], dtype=torch.float64)
+    >>> subspace_similarity(I[:, :2], I[:, 2:])      # orthogonal subspaces
+    tensor([[0., 0.],
+            [0., 0.]], dtype=torch.float64)
+    """
+    p, q = U.shape[-1], V.shape[-1]
+    max_i = p if max_i is None else min(max_i, p)
+    max_j = q if max_j is None else min(max_j, q)
+    M = U[..., :max_i].mT @ V[..., :max_j]  # (.., i, n) @ (.., n, j) -> (.., i, j)
+    C = (M * M).cumsum(-2).cumsum(-1)  # ‖U_iᵀ V_j‖_F² for every (i, j)
+    i = torch.arange(1, max_i + 1, dtype=C.dtype, device=C.device)
+    j = torch.arange(1, max_j + 1, dtype=C.dtype, device=C.device)
+    denom = torch.minimum(i[:, None], j[None, :])  # (i, j)
+    return (C / denom).clamp_(0.0, 1.0)
+
+
+def expected_random_similarity(n: int, max_i: int, max_j: int) -> np.ndarray:
+    """``E[φ(i, j)] = max(i, j) / n`` for two independent Haar-random subspaces of ``R^n``.
+
+    Derivation: for a random ``i``-frame ``U`` and any fixed ``j``-frame ``V``,
+    ``E‖UᵀV‖_F² = i·j/n``; dividing by ``min(i, j)`` leaves ``max(i, j)/n``.
+    """
+    i = np.arange(1, max_i + 1)[:, None]
+    j = np.arange(1, max_j + 1)[None, :]
+    return np.maximum(i, j) / n
+
+
+def projection_norm(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> float:
+    """``‖Uᵀ W V‖_F`` for ``W (m, n)``, ``U (m, k)``, ``V (n, k)`` (paper §7.3, Table 7).
+
+    Computed as ``(Uᵀ W) V`` : ``O(k·m·n)``, never squaring ``W``.
+    """
+    P = (U.mT @ W) @ V  # (k, m) @ (m, n) @ (n, k) -> (k, k)
+    return float(torch.linalg.matrix_norm(P))
