@@ -1,0 +1,348 @@
+"""Shared plumbing of the readers: safe file access, key parsing, and the one validation helper.
+
+Everything that touches bytes on disk goes through here, so every reader fails the same way:
+a :class:`~lorascope.errors.LoraScopeError` subclass with a one-line message naming the file and,
+where there is one, the tensor. ``torch.load`` is only ever called with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+import pickletools
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from lorascope.adapter import LoraModule, parse_kind, parse_layer
+from lorascope.errors import (
+    FormatError,
+    LoraScopeWarning,
+    NonFiniteError,
+    ShapeError,
+    UnsafeFileError,
+)
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+HDF5_SUFFIXES = (".h5", ".hdf5")
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+# Globals a plain tensor checkpoint may name; anything else in a refused pickle is "unsafe".
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set")
+_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+# PEFT / loralib parameter names -> role in the normalized pair.
+_ROLES = {
+    "lora_A": "A",
+    "lora_B": "B",
+    "lora_embedding_A": "emb_A",
+    "lora_embedding_B": "emb_B",
+    "lora_magnitude_vector": "magnitude",
+}
+PEFT_PREFIX = "base_model.model."
+_WRAPPERS = ("model_state_dict", "state_dict", "model", "module")
+
+
+def one_line(text: object, limit: int = 200) -> str:
+    """First non-empty line of ``text``, shortened to ``limit`` characters."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    line = lines[0] if lines else type(text).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def warn(path: object, msg: str) -> None:
+    """Emit a one-line :class:`LoraScopeWarning` naming ``path``."""
+    warnings.warn(one_line(f"{path}: {msg}", limit=400), LoraScopeWarning, stacklevel=3)
+
+
+def shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(s) for s in t.shape)
+
+
+# ----------------------------------------------------------------------------- file access
+
+
+def sniff(path: Path) -> str:
+    """File container: ``safetensors``, ``torch``, ``hdf5`` or ``unknown`` (suffix, then bytes)."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in HDF5_SUFFIXES:
+        return "hdf5"
+    if suffix in TORCH_SUFFIXES:
+        return "torch"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {one_line(e)}") from None
+    if head.startswith(_HDF5_MAGIC[:8]):
+        return "hdf5"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "unknown"
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """Names of the globals a pickle asks for, found by reading opcodes (nothing is executed)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(member) if member else b""
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return []
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    for _ in range(5):  # the legacy format is several pickles in a row
+        strings: list[str] = []
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except Exception:  # garbage after (or instead of) a pickle: stop scanning
+            break
+        if stream.tell() >= len(data):
+            break
+    return found
+
+
+def torch_load(path: Path, *, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``, with every failure turned into a lorascope error.
+
+    A pickle that asks for anything but tensors and plain containers is refused by torch's
+    weights-only unpickler before any of it runs; that refusal becomes :class:`UnsafeFileError`.
+    """
+    try:
+        with warnings.catch_warnings():  # torch's note on pickle protocols is noise here
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if mmap and "mmap can only be used" in str(e):  # legacy (non-zip) format
+                    return torch.load(path, map_location="cpu", weights_only=True)
+                raise
+    except pickle.UnpicklingError as e:
+        unsafe = [
+            g
+            for g in _pickle_globals(path)
+            if _IDENT_RE.match(g) and not g.startswith(_SAFE_GLOBAL_PREFIXES)
+        ]
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if unsafe or named:
+            what = unsafe[0] if unsafe else named.group(1)
+            raise UnsafeFileError(
+                f"{path}: refusing to unpickle: it asks for {what} (only tensors and plain "
+                "containers are loaded; convert it to safetensors)"
+            ) from None
+        raise FormatError(
+            f"{path}: not a readable PyTorch file (corrupt or not a checkpoint)"
+        ) from None
+    except EOFError:
+        raise FormatError(f"{path}: empty or truncated PyTorch file") from None
+    except Exception as e:  # torch raises RuntimeError, KeyError, ValueError ... for bad bytes
+        raise FormatError(f"{path}: not a readable PyTorch file: {one_line(e)}") from None
+
+
+def open_safetensors(path: Path):
+    """``safe_open(path)``, with a truncated/empty/garbage file turned into :class:`FormatError`."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError, OSError
+        raise FormatError(f"{path}: not a readable safetensors file: {one_line(e)}") from None
+
+
+def _flatten_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return {"": obj}
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+    return {str(k): v for k, v in unwrap(obj).items() if isinstance(v, torch.Tensor)}
+
+
+def unwrap(obj: dict) -> dict:
+    """The state dict inside a training checkpoint's wrapper, or ``obj`` itself.
+
+    microsoft/LoRA's ``gpt2_ft.py`` saves ``{"model_state_dict": lora_state_dict(model)}``;
+    Lightning uses ``state_dict``, DeepSpeed ``module``.
+    """
+    for wrapper in _WRAPPERS:
+        inner = obj.get(wrapper)
+        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    return obj
+
+
+def read_tensors(path: Path, container: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors of a (small) adapter file, and its safetensors metadata.
+
+    A single-tensor ``.pt`` comes back under the key ``""``.
+    """
+    container = container or sniff(path)
+    if container == "safetensors":
+        f = open_safetensors(path)
+        try:
+            with f:
+                meta = f.metadata() or {}
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(meta)
+        except Exception as e:
+            raise FormatError(f"{path}: not a readable safetensors file: {one_line(e)}") from None
+    if container == "torch":
+        return _flatten_state_dict(torch_load(path), path), {}
+    raise FormatError(f"{path}: unknown file format (expected .safetensors, .pt/.bin, or .h5)")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON: {one_line(e)}") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def parse_lora_key(key: str) -> tuple[str, str, str | None, str | None] | None:
+    """Split a PEFT/loralib key into ``(module name, role, adapter name, param)``.
+
+    ``base_model.model.h.0.c_attn.lora_A.weight`` -> ``("h.0.c_attn", "A", None, "weight")``;
+    ``q_proj.lora_B.default.weight`` -> ``("q_proj", "B", "default", "weight")``;
+    loralib's ``fc.lora_A`` -> ``("fc", "A", None, None)``. ``None`` for any other key.
+    """
+    parts = key.split(".")
+    idx = next((i for i in range(len(parts) - 1, -1, -1) if parts[i] in _ROLES), None)
+    if idx is None:
+        return None
+    rest = parts[idx + 1 :]
+    param = rest.pop() if rest and rest[-1] in ("weight", "bias") else None
+    if len(rest) > 1:
+        return None
+    name = ".".join(parts[:idx])
+    name = name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+    return name, _ROLES[parts[idx]], (rest[0] if rest else None), param
+
+
+def check_finite(t: torch.Tensor, path: object, key: str) -> None:
+    """Raise :class:`NonFiniteError` if ``t`` holds NaN or Inf."""
+    if t.is_floating_point() and t.element_size() == 1:  # float8: isfinite is not implemented
+        t = t.float()
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        n_nan = int(torch.isnan(t).sum())
+        n_inf = int(torch.isinf(t).sum())
+        raise NonFiniteError(f"{path}: {key} {shape(t)} holds {n_nan} NaN and {n_inf} Inf values")
+
+
+def scalar(t: torch.Tensor, path: object, key: str) -> float:
+    """The value of a one-element tensor (e.g. kohya's ``alpha``), checked finite."""
+    if t.numel() != 1:
+        raise ShapeError(f"{path}: {key} should be a scalar, got shape {shape(t)}")
+    value = float(t.detach().float().reshape(()))
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{path}: {key} is {value}")
+    return value
+
+
+def scale_for(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """``alpha / r``, or rsLoRA's ``alpha / sqrt(r)``; NaN for ``r <= 0`` (rejected later)."""
+    if r <= 0:
+        return float("nan")
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def make_module(
+    name: str,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    *,
+    alpha: float | None,
+    scale: float,
+    source: object,
+    keys: tuple[str, ...],
+    part: str | None = None,
+    rows: tuple[int, int] | None = None,
+    fan_in_fan_out: bool | None = None,
+    kind: str | None = None,
+) -> LoraModule:
+    """The one boundary check every reader goes through, then a :class:`LoraModule`.
+
+    Parameters
+    ----------
+    A : torch.Tensor
+        ``(r, d_in)``, or a conv down-projection ``(r, in, *kernel)`` reshaped here to
+        ``(r, in·prod(kernel))``.
+    B : torch.Tensor
+        ``(d_out, r)``, or a conv up-projection ``(out, r, 1, ...)`` reshaped here to ``(out, r)``.
+    keys : tuple of str
+        The tensor names in ``source`` (A's key first, then B's), used in every message.
+
+    Raises
+    ------
+    FormatError
+        A factor that is not floating point.
+    ShapeError
+        Wrong ndim, empty, a conv up-projection with a kernel, or ``A.shape[0] != B.shape[1]``.
+    NonFiniteError
+        NaN/Inf in a factor or in the scale.
+    """
+    key_a, key_b = keys[0], keys[1]
+    for key, t in ((key_a, A), (key_b, B)):
+        if not t.is_floating_point():
+            raise FormatError(
+                f"{source}: {key} has dtype {t.dtype}, expected a floating-point tensor"
+            )
+        if t.ndim < 2 or t.numel() == 0:
+            raise ShapeError(f"{source}: {key} has shape {shape(t)}, expected a non-empty matrix")
+    if A.ndim > 2:  # conv down-projection (r, in, kh, kw) -> (r, in*kh*kw)
+        A = A.reshape(A.shape[0], -1)
+    if B.ndim > 2:  # conv up-projection (out, r, 1, 1) -> (out, r)
+        if any(int(s) != 1 for s in B.shape[2:]):
+            raise ShapeError(
+                f"{source}: {key_b} has shape {shape(B)}: an up-projection with a kernel "
+                "is not B @ A"
+            )
+        B = B.reshape(B.shape[0], B.shape[1])
+    if A.shape[0] != B.shape[1]:
+        raise ShapeError(
+            f"{source}: {key_a} {shape(A)} and {key_b} {shape(B)} do not form B @ A "
+            f"(A has {A.shape[0]} rows, B has {B.shape[1]} columns)"
+        )
+    check_finite(A, source, key_a)
+    check_finite(B, source, key_b)
+    if not math.isfinite(scale):
+        raise NonFiniteError(f"{source}: {key_a}: scale is {scale} (alpha={alpha})")
+    return LoraModule(
+        name=name,
+        A=A,
+        B=B,
+        scale=float(scale),
+        alpha=None if alpha is None else float(alpha),
+        part=part,
+        rows=rows,
+        fan_in_fan_out=fan_in_fan_out,
+        layer=parse_layer(name),
+        kind=kind or parse_kind(name),
+        source=str(source),
+        keys=tuple(keys),
+    )
+
+
+def missing_partner(source: object, have: str, want: str) -> ShapeError:
+    """The error for an A without its B (or the reverse)."""
+    return ShapeError(f"{source}: {have} has no partner {want} (an A needs its B and vice versa)")

@@ -1,0 +1,271 @@
+"""Lazy reader of base (pre-trained) weights: only the tensors asked for are ever read.
+
+Accepts a single-tensor ``.pt``; a state dict (``.pt``, ``.bin``, ``.safetensors``); a Hugging Face
+model directory (``model.safetensors[.index.json]``, ``pytorch_model.bin[.index.json]``); or a
+sharded checkpoint's ``*.index.json``. safetensors files are opened with ``safe_open`` and read
+one tensor (or one slice) at a time; torch files are loaded with ``mmap=True, weights_only=True``,
+so only the pages of the tensors used are touched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lorascope.adapter import LoraModule
+from lorascope.errors import FormatError, MissingModuleError, ShapeError
+from lorascope.formats._common import (
+    TORCH_SUFFIXES,
+    check_finite,
+    one_line,
+    open_safetensors,
+    read_json,
+    sniff,
+    torch_load,
+    unwrap,
+)
+
+__all__ = ["BaseWeights", "load_base"]
+
+# Preferred files in a model directory, best first.
+_DIR_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors",
+)
+
+
+def _entry(path: Path) -> Path:
+    """The file to read for ``path`` (a directory resolves to its weights or index file)."""
+    if not path.exists():
+        raise FormatError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        return path
+    for name in _DIR_FILES:
+        if (path / name).is_file():
+            return path / name
+    found = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", *TORCH_SUFFIXES))
+    indexes = sorted(path.glob("*.index.json"))
+    if len(indexes) == 1:
+        return indexes[0]
+    if len(found) == 1:
+        return found[0]
+    listed = ", ".join(p.name for p in found[:4]) or "none"
+    raise FormatError(
+        f"{path}: no model weights found (model.safetensors, index.json; saw: {listed})"
+    )
+
+
+class BaseWeights:
+    """Lazy view of a base checkpoint's weights.
+
+    Attributes
+    ----------
+    path : str
+        What was opened (file, directory or index JSON).
+    bytes_read : int
+        Running total of tensor bytes actually read by :meth:`weight_for`.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self.bytes_read = 0
+        entry = _entry(Path(path))
+        self._key_file: dict[str, Path] = {}  # tensor key -> the file holding it
+        self._torch: dict[Path, object] = {}  # mmap'ed torch files, loaded on first use
+        self._stems: dict[str, str] | None = None
+        self._single_owner: str | None = None  # the module a single-tensor .pt was used for
+        if entry.name.endswith(".index.json"):
+            weight_map = read_json(entry).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise FormatError(f"{entry}: index has no weight_map")
+            self._key_file = {str(k): entry.parent / str(v) for k, v in weight_map.items()}
+        elif sniff(entry) == "safetensors":
+            with open_safetensors(entry) as f:
+                self._key_file = dict.fromkeys(f.keys(), entry)
+        elif sniff(entry) == "torch":
+            obj = self._load_torch(entry)
+            keys = [""] if isinstance(obj, torch.Tensor) else list(obj)
+            self._key_file = dict.fromkeys(keys, entry)
+        else:
+            raise FormatError(
+                f"{entry}: unknown checkpoint format (expected .safetensors, .pt/.bin)"
+            )
+        if not self._key_file:
+            raise FormatError(f"{entry}: holds no tensors")
+
+    def __repr__(self) -> str:
+        n = len(self._key_file)
+        return f"BaseWeights({self.path!r}, {n} tensors, bytes_read={self.bytes_read})"
+
+    def keys(self) -> list[str]:
+        """Tensor names in the checkpoint (``[""]`` for a single-tensor ``.pt``)."""
+        return list(self._key_file)
+
+    # ------------------------------------------------------------------ reading
+
+    def _load_torch(self, file: Path):
+        if file not in self._torch:
+            obj = torch_load(file, mmap=True)
+            if isinstance(obj, dict):
+                obj = {str(k): v for k, v in unwrap(obj).items() if isinstance(v, torch.Tensor)}
+            elif not isinstance(obj, torch.Tensor):
+                raise FormatError(f"{file}: holds a {type(obj).__name__}, not tensors")
+            self._torch[file] = obj
+        return self._torch[file]
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        file = self._key_file[key]
+        if not file.is_file():
+            raise FormatError(f"{file}: shard named in the index is missing (for {key})")
+        if sniff(file) == "safetensors":
+            with open_safetensors(file) as f:
+                try:
+                    return tuple(int(s) for s in f.get_slice(key).get_shape())
+                except Exception as e:
+                    raise FormatError(f"{file}: {key}: {one_line(e)}") from None
+        obj = self._load_torch(file)
+        t = obj if isinstance(obj, torch.Tensor) else obj.get(key)
+        if t is None:
+            raise FormatError(f"{file}: has no tensor {key} (the index says it does)")
+        return tuple(int(s) for s in t.shape)
+
+    def _read(self, key: str, index: tuple[slice, ...] | None) -> torch.Tensor:
+        """Read tensor ``key`` (or ``key[index]``), counting the bytes."""
+        file = self._key_file[key]
+        try:
+            if sniff(file) == "safetensors":
+                with open_safetensors(file) as f:
+                    t = f.get_tensor(key) if index is None else f.get_slice(key)[index]
+            else:
+                obj = self._load_torch(file)
+                t = obj if isinstance(obj, torch.Tensor) else obj[key]
+                t = t if index is None else t[index]
+                t = t.clone()  # touch only these pages of the mmap
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            raise FormatError(f"{file}: cannot read {key}: {one_line(e)}") from None
+        self.bytes_read += t.numel() * t.element_size()
+        check_finite(t, file, key)
+        return t
+
+    # ------------------------------------------------------------------ matching
+
+    def _find_key(self, module: LoraModule) -> str:
+        if len(self._key_file) == 1 and "" in self._key_file:
+            # A single-tensor .pt is the base of exactly one module (its fused parts included):
+            # never silently reuse W_q as the base of W_v.
+            if self._single_owner not in (None, module.name):
+                raise MissingModuleError(
+                    f"{self.path}: holds one tensor, the base of {self._single_owner}; it cannot "
+                    f"also be the base of {module.name} (select one module with --layer/--module)"
+                )
+            self._single_owner = module.name
+            return ""
+        name = module.name
+        if self._stems is None:
+            self._stems = {}
+            for key in self._key_file:
+                if key.endswith(".weight"):
+                    stem = key[: -len(".weight")].removesuffix(".base_layer")
+                    self._stems.setdefault(stem, key)
+        if name in self._stems:
+            return self._stems[name]
+        for sep, norm in ((".", lambda s: s), ("_", lambda s: s.replace(".", "_"))):
+            target = norm(name)
+            hits = []
+            for stem, key in self._stems.items():
+                s = norm(stem)
+                if s == target or s.endswith(sep + target) or target.endswith(sep + s):
+                    hits.append((min(len(s), len(target)), key))
+            if hits:
+                best = max(h[0] for h in hits)
+                keys = sorted({k for n, k in hits if n == best})
+                if len(keys) > 1:
+                    raise MissingModuleError(
+                        f"{self.path}: {name} matches several weights ({', '.join(keys[:3])})"
+                    )
+                return keys[0]
+        raise MissingModuleError(
+            f"{self.path}: no weight for module {name} ({len(self._stems)} weights)"
+        )
+
+    def weight_for(self, module: LoraModule) -> torch.Tensor:
+        """The base weight ``W`` that ``module`` adapts, read alone, in ``nn.Linear`` orientation.
+
+        Parameters
+        ----------
+        module : LoraModule
+            Matched by name: ``name.weight``, ``name.base_layer.weight``, or a unique suffix match
+            in either direction, dotted or kohya-underscored.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(module.d_out, module.d_in)``, dtype as stored: for a fused part only its
+            ``module.rows``; transposed when ``module.fan_in_fan_out`` is True; when it is None,
+            the orientation whose shape fits (a square weight is taken as stored). A conv kernel
+            ``(out, in, kh, kw)`` comes back as ``(out, in·kh·kw)``.
+
+        Raises
+        ------
+        MissingModuleError
+            No (or more than one) matching weight.
+        ShapeError
+            The stored shape fits neither orientation (or not the declared one).
+        NonFiniteError
+            NaN/Inf in the weight.
+        """
+        key = self._find_key(module)
+        file = self._key_file[key]
+        where = f"{file}: {key or '<tensor>'}"
+        stored = self._shape(key)
+        if len(stored) > 2:  # conv kernel (out, in, kh, kw): read whole, flatten to (out, in*kh*kw)
+            flat = (stored[0], int(torch.Size(stored[1:]).numel()))
+            if module.rows is None and flat == module.shape:
+                return self._read(key, None).reshape(flat)
+            raise ShapeError(f"{where} has shape {stored}; {module.key} needs {module.shape}")
+        if len(stored) != 2:
+            raise ShapeError(
+                f"{where} has shape {stored}, not a matrix; {module.key} needs {module.shape}"
+            )
+        d_out, d_in = module.shape
+
+        def fits(s: tuple[int, int]) -> bool:  # s is a candidate (out, in) view
+            if module.rows is not None:
+                return (
+                    s[1] == d_in
+                    and s[0] >= module.rows[1]
+                    and module.rows[1] - module.rows[0] == d_out
+                )
+            return s == (d_out, d_in)
+
+        as_linear, as_conv1d = fits(stored), fits((stored[1], stored[0]))
+        ffo = module.fan_in_fan_out
+        if ffo is None:
+            if not (as_linear or as_conv1d):
+                raise ShapeError(
+                    f"{where} has shape {stored}; {module.key} needs {module.shape} "
+                    "(either way round)"
+                )
+            transposed = as_conv1d and not as_linear
+        else:
+            transposed = ffo
+            if not (as_conv1d if ffo else as_linear):
+                raise ShapeError(
+                    f"{where} has shape {stored} but {module.key} (fan_in_fan_out={ffo}) needs "
+                    f"{(d_in, d_out) if ffo else (d_out, d_in)}; "
+                    f"pass fan_in_fan_out={not ffo} if the file is wrong"
+                )
+        rows = slice(*module.rows) if module.rows is not None else None
+        if transposed:  # stored (d_in, D): slice columns, then .T -> (d_out, d_in)
+            return self._read(key, None if rows is None else (slice(None), rows)).T
+        return self._read(key, None if rows is None else (rows,))
+
+
+def load_base(path: str | Path) -> BaseWeights:
+    """Open base weights lazily (see :class:`BaseWeights`); nothing but the index is read yet."""
+    return BaseWeights(path)

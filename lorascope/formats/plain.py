@@ -1,0 +1,92 @@
+"""Plain ``.pt``/``.safetensors`` files of LoRA factors, from scripts that are not a library.
+
+Keys ``<name>.lora_A[.weight]`` ``(r, d_in)`` / ``<name>.lora_B[.weight]`` ``(d_out, r)`` (a
+``base_model.model.`` prefix is dropped), or bare ``lora_A``/``lora_B``: a single module named
+after the file stem. ``alpha`` comes from the caller, else from an ``adapter_config.json`` beside
+the file (``lora_alpha``, ``alpha_pattern``, ``use_rslora``), else ``alpha = r`` (scale 1) with
+a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from lorascope.adapter import Adapter
+from lorascope.errors import FormatError
+from lorascope.formats._common import read_json, read_tensors, scale_for, warn
+from lorascope.formats.loralib import AlphaRule, group_pairs, modules_from_pairs
+from lorascope.formats.peft import CONFIG_FILE, pattern_key, read_pattern
+
+__all__ = ["read_plain"]
+
+
+def _alpha_rule(path: Path, alpha: float | None) -> tuple[AlphaRule, dict]:
+    if alpha is not None:
+        a = float(alpha)
+        return (lambda _n, r: (a, scale_for(a, r))), {"alpha": a}
+    config_path = path.parent / CONFIG_FILE
+    if config_path.is_file():
+        cfg = read_json(config_path)
+        base = cfg.get("lora_alpha")
+        if isinstance(base, (int, float)) and not isinstance(base, bool) and base > 0:
+            patterns = read_pattern(cfg, "alpha_pattern", config_path)
+            rslora = bool(cfg.get("use_rslora", False))
+
+            def rule(name: str, r: int) -> tuple[float, float]:
+                key = pattern_key(patterns, name, config_path)
+                a = float(patterns[key]) if key is not None else float(base)
+                return a, scale_for(a, r, rslora)
+
+            return rule, cfg
+        raise FormatError(f"{config_path}: lora_alpha={base!r} is not a positive number")
+    warn(path, "no alpha given or stored: assuming alpha = r (scale 1); pass alpha (CLI: --alpha)")
+    return (lambda _n, r: (float(r), 1.0)), {}
+
+
+def read_plain(
+    path: str | Path,
+    *,
+    tensors: dict[str, torch.Tensor] | None = None,
+    alpha: float | None = None,
+    enable_lora: Sequence[bool] | None = None,
+    fan_in_fan_out: bool | None = None,
+    parts: Sequence[str] | None = None,
+) -> Adapter:
+    """Read a plain file of LoRA factors.
+
+    Parameters
+    ----------
+    path : str or Path
+    tensors : dict, optional
+        The file's tensors when the caller already read them.
+    alpha : float, optional
+        Scale is ``alpha / r`` per module; see the module docstring for the default.
+    enable_lora, parts, fan_in_fan_out :
+        As for :func:`lorascope.formats.loralib.read_loralib` (fused: A rows != B columns).
+
+    Returns
+    -------
+    Adapter
+        ``A`` ``(r, d_in)``, ``B`` ``(d_out, r)`` per module.
+    """
+    path = Path(path)
+    if tensors is None:
+        tensors, _ = read_tensors(path)
+    groups, full = group_pairs(tensors, path.stem)
+    if not groups:
+        some = ", ".join(list(tensors)[:3]) or "none"
+        raise FormatError(f"{path}: no lora_A/lora_B tensors found (keys: {some})")
+    rule, config = _alpha_rule(path, alpha)
+    modules = modules_from_pairs(
+        groups,
+        full,
+        source=path,
+        alpha_rule=rule,
+        enable_lora=enable_lora,
+        parts=parts,
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    return Adapter(modules=modules, path=str(path), format="plain", config=config)
