@@ -26,7 +26,13 @@ def _module(d_out=48, d_in=40, r=6, scale=0.5, seed=0, name="model.layers.3.self
     A = torch.randn(r, d_in, generator=g)
     B = torch.randn(d_out, r, generator=g)
     return LoraModule(
-        name, A, B, scale, layer=parse_layer(name), kind=parse_kind(name), source="mem.pt",
+        name,
+        A,
+        B,
+        scale,
+        layer=parse_layer(name),
+        kind=parse_kind(name),
+        source="mem.pt",
         keys=(f"{name}.lora_A", f"{name}.lora_B"),
     )
 
@@ -82,9 +88,17 @@ def test_spectrum_rank_one_and_zero_update():
     m = _module(r=1)
     res = module_spectrum(m)
     assert res.effective_rank == pytest.approx(1.0) and res.stable_rank == pytest.approx(1.0)
-    z = LoraModule("h.0.attn.c_attn", m.A, torch.zeros_like(m.B), 1.0, source="zero.safetensors",
-                   keys=("h.0.lora_A", "h.0.lora_B"))
-    with pytest.raises(ZeroUpdateError, match=r"zero\.safetensors: h\.0\.lora_A / h\.0\.lora_B") as e:
+    z = LoraModule(
+        "h.0.attn.c_attn",
+        m.A,
+        torch.zeros_like(m.B),
+        1.0,
+        source="zero.safetensors",
+        keys=("h.0.lora_A", "h.0.lora_B"),
+    )
+    with pytest.raises(
+        ZeroUpdateError, match=r"zero\.safetensors: h\.0\.lora_A / h\.0\.lora_B"
+    ) as e:
         module_spectrum(z)
     assert "\n" not in str(e.value)
 
@@ -106,8 +120,9 @@ def test_similarity_matches_principal_angles_on_A():
             assert res.phi[i - 1, j - 1] == pytest.approx(np.mean(np.cos(theta) ** 2), abs=1e-10)
     assert res.phi[-1, -1] > 0.45  # the shared 2 of 4 directions
     assert res.random_phi.shape == (4, 8)
-    np.testing.assert_allclose(res.expected_random, np.maximum.outer(
-        np.arange(1, 5), np.arange(1, 9)) / a.d_in)
+    np.testing.assert_allclose(
+        res.expected_random, np.maximum.outer(np.arange(1, 5), np.arange(1, 9)) / a.d_in
+    )
 
 
 @pytest.mark.parametrize("factor", ["right", "left"])
@@ -189,7 +204,7 @@ def test_amplification_against_dense():
     m = _module(d_out=30, d_in=20, r=3, scale=2.0)
     W = torch.randn(30, 20, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     res = module_amplification(m, W.float())
-    u, s, vh = _dense_svd(m)
+    u, _, vh = _dense_svd(m)
     Wn = W.float().double().numpy()
     proj = np.linalg.norm(u[:, :3].T @ Wn @ vh[:3].T)
     assert res.proj_delta == pytest.approx(proj, rel=1e-8)

@@ -241,8 +241,8 @@ def weight_similarity(
     Returns
     -------
     SimilarityResult
-        ``phi[i-1, j-1]`` = φ(W top-i, ΔW top-j); ``rank`` is ``max_i``, ``rank_b`` the
-        module's rank, ``factor`` is ``"W-" + side``.
+        ``phi[i-1, j-1]`` = φ(W top-i, ΔW top-j); ``rank`` and ``rank_b`` are the module's
+        rank, ``module_b`` is ``"W"``, ``factor`` is ``"W-" + side``.
     """
     if tuple(W.shape) != module.shape:
         raise ShapeError(f"{module.tensor_name()}: base W {tuple(W.shape)} vs ΔW {module.shape}")
@@ -261,9 +261,10 @@ def weight_similarity(
         rnd = subspace_similarity(R, Ud.cpu(), None, max_j).cpu().numpy()
     return SimilarityResult(
         module=module.key,
+        module_b="W",
         layer=module.layer,
         kind=module.kind,
-        rank=int(phi.shape[0]),
+        rank=module.rank,
         rank_b=module.rank,
         factor=f"W-{side}",
         dim=n,

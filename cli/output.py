@@ -1,0 +1,65 @@
+"""Writing results: a readable table (rich) by default, or ``--json`` / ``--csv`` for scripts.
+
+The JSON is a list with one object per module (see README, "JSON output"); the CSV is tidy
+(one row per number that varies, identifying columns repeated).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+
+def console() -> Console:
+    # A fixed width when piped, so CliRunner output and logs are not squeezed to 80 columns.
+    return Console(width=None if sys.stdout.isatty() else 160, soft_wrap=False)
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """Numbers for humans: 4 significant digits, ``-`` for missing."""
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return "inf" if x > 0 else "-inf"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right", overflow="fold")
+    for row in rows:
+        table.add_row(*(fmt(v) for v in row))
+    console().print(table)
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def print_json(objects: list[dict]) -> None:
+    click.echo(json.dumps(_json_safe(objects), indent=2, allow_nan=False))
+
+
+def print_csv(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(columns)
+    for row in rows:
+        out.writerow(["" if v is None else v for v in row])
+    sys.stdout.flush()
