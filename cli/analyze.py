@@ -2,98 +2,24 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 import numpy as np
-import torch
 
-from lorascope.adapter import FUSED_PARTS, Adapter
+from lorascope.adapter import Adapter
 from lorascope.analysis import amplify as amplify_api
 from lorascope.analysis import similarity as similarity_api
 from lorascope.analysis import spectrum as spectrum_api
+from lorascope.cli.options import (
+    compute_options,
+    output_options,
+    reading_options,
+    selection_options,
+)
 from lorascope.cli.output import print_csv, print_json, print_table
 from lorascope.errors import LoraScopeError
-from lorascope.formats import load_adapter, load_base
-
-_DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-def _parse_enable_lora(value: str | None) -> list[bool] | None:
-    """``q,v`` or ``1,0,1`` -> ``[True, False, True]`` (loralib ``MergedLinear.enable_lora``)."""
-    if value is None:
-        return None
-    items = [v.strip().lower() for v in value.split(",") if v.strip()]
-    if all(v in FUSED_PARTS for v in items):
-        return [p in items for p in FUSED_PARTS]
-    if all(v in ("0", "1", "true", "false") for v in items):
-        return [v in ("1", "true") for v in items]
-    raise click.BadParameter("expected parts like 'q,v' or flags like '1,0,1'")
-
-
-def reading_options(f: Callable) -> Callable:
-    """Options that say how to read an adapter when the file does not."""
-
-    @click.option("--alpha", type=float, help="LoRA alpha when the file does not store it.")
-    @click.option(
-        "--enable-lora",
-        metavar="PARTS",
-        help="Fused (MergedLinear) parts that carry LoRA, e.g. 'q,v' (loralib files).",
-    )
-    @click.option(
-        "--format",
-        "fmt",
-        type=click.Choice(["peft", "loralib", "kohya", "hdf5", "plain"]),
-        help="Skip format detection.",
-    )
-    @functools.wraps(f)
-    def wrapper(*args, alpha, enable_lora, fmt, **kwargs):
-        read = functools.partial(
-            load_adapter, fmt=fmt, alpha=alpha, enable_lora=_parse_enable_lora(enable_lora)
-        )
-        return f(*args, read=read, **kwargs)
-
-    return wrapper
-
-
-def selection_options(f: Callable) -> Callable:
-    f = click.option(
-        "--module",
-        "module",
-        help="Only this kind (q, k, v, o, up, down, gate; q/k/v split fused c_attn) or name.",
-    )(f)
-    return click.option("--layer", type=int, help="Only this block index (e.g. 48).")(f)
-
-
-def compute_options(f: Callable) -> Callable:
-    @click.option(
-        "--dtype",
-        type=click.Choice(list(_DTYPES)),
-        default="float64",
-        show_default=True,
-        help="Analysis precision (factors are upcast).",
-    )
-    @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
-    @click.option("--seed", type=int, default=0, show_default=True, help="Random baselines.")
-    @functools.wraps(f)
-    def wrapper(*args, dtype, device, **kwargs):
-        return f(*args, dtype=_DTYPES[dtype], device=torch.device(device), **kwargs)
-
-    return wrapper
-
-
-def output_options(f: Callable) -> Callable:
-    @click.option("--json", "as_json", is_flag=True, help="One JSON object per module.")
-    @click.option("--csv", "as_csv", is_flag=True, help="Tidy CSV.")
-    @functools.wraps(f)
-    def wrapper(*args, as_json, as_csv, **kwargs):
-        if as_json and as_csv:
-            raise click.UsageError("--json and --csv are exclusive")
-        return f(*args, out="json" if as_json else "csv" if as_csv else "table", **kwargs)
-
-    return wrapper
+from lorascope.formats import load_base
 
 
 def _ident(d: dict) -> list:
