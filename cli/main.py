@@ -63,8 +63,9 @@ def _add_commands() -> None:
         spectrum,
         weight_similarity,
     )
+    from lorascope.cli.report import report
 
-    for cmd in (inspect, spectrum, similarity, amplify, weight_similarity):
+    for cmd in (inspect, spectrum, similarity, amplify, weight_similarity, report):
         main.add_command(cmd)
 
 

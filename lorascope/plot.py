@@ -12,10 +12,18 @@ import numpy as np
 import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from lorascope.analysis.similarity import SimilarityResult
 
-__all__ = ["plot_phi", "plot_phi_grid", "plot_spectrum"]
+__all__ = [
+    "plot_phi",
+    "plot_phi_grid",
+    "plot_spectrum",
+    "plot_singular_values",
+    "plot_by_layer",
+    "plot_amplification",
+]
 
 
 def _ticks(n: int, max_ticks: int = 8) -> list[int]:
@@ -37,7 +45,18 @@ def plot_phi(
     """
     if ax is None:
         _, ax = plt.subplots(figsize=(max(3.0, 0.12 * phi.shape[1] + 2), 3.0))
-    sns.heatmap(phi, ax=ax, vmin=0.0, vmax=1.0, cmap="viridis", cbar=cbar, square=False)
+    # tick labels are set below; seaborn's own automatic labels cost half the drawing time
+    sns.heatmap(
+        phi,
+        ax=ax,
+        vmin=0.0,
+        vmax=1.0,
+        cmap="viridis",
+        cbar=cbar,
+        square=False,
+        xticklabels=False,
+        yticklabels=False,
+    )
     ni, nj = phi.shape
     ax.set_yticks([t - 0.5 for t in _ticks(ni)], [str(t) for t in _ticks(ni)], rotation=0)
     ax.set_xticks([t - 0.5 for t in _ticks(nj)], [str(t) for t in _ticks(nj)], rotation=0)
@@ -82,4 +101,72 @@ def plot_spectrum(
     ax.set_xlabel("t (singular directions kept)")
     ax.set_ylabel("cumulative energy")
     ax.set_ylim(0, 1.02)
+    return ax
+
+
+def plot_singular_values(
+    singular_values: Sequence[float],
+    ax: Axes | None = None,
+    *,
+    label: str | None = None,
+    normalize: bool = True,
+    color: str | tuple | None = None,
+) -> Axes:
+    """Singular values ``σ_t`` of one update against ``t`` on a log scale (Hu et al. 2021 §7.2).
+
+    ``normalize=True`` plots ``σ_t / σ_1`` so updates of different size share an axis.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 3))
+    s = np.asarray(singular_values, dtype=float)
+    y = s / s[0] if normalize and s.size and s[0] > 0 else s
+    ax.plot(np.arange(1, len(s) + 1), y, marker="o", ms=2, lw=1, label=label, color=color)
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("t")
+    ax.set_ylabel("σ_t / σ_1" if normalize else "σ_t")
+    return ax
+
+
+def plot_by_layer(
+    layers: Sequence[int],
+    values: Sequence[float],
+    ax: Axes | None = None,
+    *,
+    label: str | None = None,
+    ylabel: str = "effective rank",
+    color: str | tuple | None = None,
+) -> Axes:
+    """One number per layer (e.g. the effective rank of ΔW, or φ(1, 1)) as a line over layers."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 3))
+    ax.plot(list(layers), list(values), marker="o", ms=3, label=label, color=color)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    return ax
+
+
+def plot_amplification(
+    ranks: Sequence[int],
+    mean: Sequence[float],
+    low: Sequence[float] | None = None,
+    high: Sequence[float] | None = None,
+    ax: Axes | None = None,
+    *,
+    label: str | None = None,
+    color: str | tuple | None = None,
+) -> Axes:
+    """Amplification factor ``‖ΔW‖_F / ‖Uᵀ W V‖_F`` against the rank ``r`` (log-2 axis), with a
+    band from ``low`` to ``high`` (e.g. the range over layers); Hu et al. 2021 §7.3, Table 7."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 3))
+    (line,) = ax.plot(list(ranks), list(mean), marker="o", ms=4, label=label, color=color)
+    if low is not None and high is not None:
+        ax.fill_between(list(ranks), list(low), list(high), alpha=0.2, color=line.get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ranks), [str(r) for r in ranks])
+    ax.set_xlabel("r")
+    ax.set_ylabel("‖ΔW‖_F / ‖UᵀWV‖_F")
     return ax

