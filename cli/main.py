@@ -64,8 +64,9 @@ def _add_commands() -> None:
         weight_similarity,
     )
     from lorascope.cli.report import report
+    from lorascope.cli.train import train
 
-    for cmd in (inspect, spectrum, similarity, amplify, weight_similarity, report):
+    for cmd in (inspect, spectrum, similarity, amplify, weight_similarity, report, train):
         main.add_command(cmd)
 
 

@@ -11,7 +11,7 @@ __all__ = ["train"]
 
 
 @click.command("train")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("config", type=click.Path(dir_okay=False))
 @click.option(
     "--set",
     "overrides",
