@@ -12,7 +12,9 @@ from lorascope.analysis import amplify as amplify_api
 from lorascope.analysis import similarity as similarity_api
 from lorascope.analysis import spectrum as spectrum_api
 from lorascope.cli.options import (
+    base_delta_options,
     compute_options,
+    method_option,
     output_options,
     reading_options,
     selection_options,
@@ -293,27 +295,12 @@ def _save_phi_plot(results, path: Path) -> None:
 
 
 @click.command()
-@click.option(
-    "--base",
-    "base_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Pre-trained weights: a tensor .pt, a state dict, a HF dir or index.json.",
-)
-@click.option(
-    "--delta", "delta_path", required=True, type=click.Path(path_type=Path), help="The adapter."
-)
+@base_delta_options
 @reading_options
 @selection_options
 @compute_options
 @output_options
-@click.option(
-    "--method",
-    type=click.Choice(["auto", "exact", "iterative"]),
-    default="auto",
-    show_default=True,
-    help="How W's top-r subspace is found (exact SVD or ARPACK).",
-)
+@method_option
 def amplify(
     base_path: Path, delta_path: Path, read, layer, module, dtype, device, seed, out, method
 ) -> None:
@@ -380,16 +367,7 @@ def amplify(
 
 
 @click.command("weight-similarity")
-@click.option(
-    "--base",
-    "base_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Pre-trained weights: a tensor .pt, a state dict, a HF dir or index.json.",
-)
-@click.option(
-    "--delta", "delta_path", required=True, type=click.Path(path_type=Path), help="The adapter."
-)
+@base_delta_options
 @reading_options
 @selection_options
 @compute_options
@@ -409,13 +387,7 @@ def amplify(
     help="How many of W's top singular directions.",
 )
 @click.option("--max-j", type=click.IntRange(min=1), help="How many of ΔW's (default: rank).")
-@click.option(
-    "--method",
-    type=click.Choice(["auto", "exact", "iterative"]),
-    default="auto",
-    show_default=True,
-    help="How W's top subspace is found (exact SVD or ARPACK).",
-)
+@method_option
 @click.option("--plot", type=click.Path(path_type=Path), help="Save heatmap(s) (png/pdf/svg).")
 def weight_similarity(
     base_path: Path,

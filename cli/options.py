@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 import torch
@@ -88,3 +89,30 @@ def output_options(f: Callable) -> Callable:
         return f(*args, out="json" if as_json else "csv" if as_csv else "table", **kwargs)
 
     return wrapper
+
+
+def base_delta_options(f: Callable) -> Callable:
+    """``--base W --delta ADAPTER`` of the commands that relate ΔW to the pre-trained W."""
+    f = click.option(
+        "--delta",
+        "delta_path",
+        required=True,
+        type=click.Path(path_type=Path),
+        help="The adapter.",
+    )(f)
+    return click.option(
+        "--base",
+        "base_path",
+        required=True,
+        type=click.Path(path_type=Path),
+        help="Pre-trained weights: a tensor .pt, a state dict, a HF dir or index.json.",
+    )(f)
+
+
+method_option = click.option(
+    "--method",
+    type=click.Choice(["auto", "exact", "iterative"]),
+    default="auto",
+    show_default=True,
+    help="How W's top singular subspace is found: exact SVD, or ARPACK (iterative) for large W.",
+)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from lorascope.cli.options import compute_options, reading_options
+from lorascope.cli.options import compute_options, method_option, reading_options
 from lorascope.errors import LoraScopeError
 
 
@@ -88,13 +88,7 @@ def _command(ctx: click.Context) -> str:
     show_default=True,
     help="Directions φ compares between adapters (A: the paper's).",
 )
-@click.option(
-    "--method",
-    type=click.Choice(["auto", "exact", "iterative"]),
-    default="auto",
-    show_default=True,
-    help="How W's top singular subspace is found (exact SVD or ARPACK).",
-)
+@method_option
 @click.option(
     "--dpi", type=click.IntRange(10, 600), default=110, show_default=True, help="PNG resolution."
 )
