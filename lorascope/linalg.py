@@ -23,9 +23,11 @@ import torch
 __all__ = [
     "SVD",
     "factored_svd",
+    "factored_svdvals",
     "top_singular",
     "singular_basis",
     "random_orthonormal",
+    "random_similarity",
     "subspace_similarity",
     "expected_random_similarity",
     "projection_norm",
@@ -118,6 +120,36 @@ def factored_svd(
     return SVD(U, S, V)
 
 
+def factored_svdvals(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float = 1.0,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Singular values of ``ΔW = scale · B @ A`` only: :func:`factored_svd` without the vectors.
+
+    The same exact route (Householder QR of both factors, SVD of the ``r×r`` core), but only the
+    triangular factors are formed (``torch.linalg.qr(mode="r")``): about half the work of
+    :func:`factored_svd` at ``d = 12288, r = 64``. Works batched (``A (..., r, d_in)``,
+    ``B (..., d_out, r)``). Returns ``S (..., k)`` descending, ``k = min(r, d_out, d_in)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> A = torch.tensor([[1.0, 0.0, 0.0]])
+    >>> B = torch.tensor([[0.0], [2.0]])
+    >>> factored_svdvals(A, B, scale=0.5)
+    tensor([1.], dtype=torch.float64)
+    """
+    A = _upcast(A, dtype)
+    B = _upcast(B, dtype)
+    _, Rb = torch.linalg.qr(B, mode="r")  # (.., kb, r)
+    _, Ra = torch.linalg.qr(A.mT, mode="r")  # (.., ka, r)
+    core = Rb @ Ra.mT  # (.., kb, r) @ (.., r, ka) -> (.., kb, ka)
+    return torch.linalg.svdvals(core) * abs(float(scale))
+
+
 def default_rcond(shape: tuple[int, int], dtype: torch.dtype = torch.float64) -> float:
     """Relative cut-off below which a singular value counts as zero: ``eps(dtype)·max(shape)``.
 
@@ -135,8 +167,16 @@ def singular_basis(
     (``(m, min(m, n))``), for ``M`` of shape ``(m, n)``. For a LoRA ``A`` (``r×d_in``) the right
     singular vectors span its row space, the paper's default input to φ (Hu et al. 2021 §7.2).
     """
-    U, _, Vh = torch.linalg.svd(_upcast(M, dtype), full_matrices=False)
-    U, V = _fix_signs(U, Vh.mT)
+    M = _upcast(M, dtype)
+    if M.shape[-2] < M.shape[-1]:
+        # LAPACK's SVD of a wide r×d matrix is ~3× slower than of its tall transpose (d = 12288,
+        # r = 64: 72 ms vs 25 ms); decompose Mᵀ = V Σ Uᵀ and swap the roles.
+        V, _, Uh = torch.linalg.svd(M.mT, full_matrices=False)  # (n, k), (k,), (k, m)
+        U = Uh.mT
+    else:
+        U, _, Vh = torch.linalg.svd(M, full_matrices=False)  # (m, k), (k,), (k, n)
+        V = Vh.mT
+    U, V = _fix_signs(U, V)
     return V if side == "right" else U
 
 
@@ -197,6 +237,49 @@ def random_orthonormal(
     G = torch.randn(n, k, generator=generator, dtype=dtype)
     Q, R = torch.linalg.qr(G)  # (n, k), (k, k)
     return Q * torch.sign(torch.diagonal(R)).unsqueeze(0)
+
+
+def random_similarity(
+    n: int,
+    max_i: int,
+    max_j: int,
+    generator: torch.Generator,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """φ grid of two independent Haar-random subspaces of ``R^n`` (dims ``max_i``, ``max_j``),
+    in ``O(max_j³)`` instead of the ``O(n·(max_i + max_j)²)`` of drawing both bases.
+
+    The same distribution as ``subspace_similarity(random_orthonormal(n, max_i, g),
+    random_orthonormal(n, max_j, g))`` (the paper's random baseline, Hu et al. 2021 Figure 4),
+    drawn without any ``n``-long vector: by rotation invariance ``UᵀV`` has the law of the first
+    ``max_i`` rows of one Haar ``(n, max_j)`` frame ``Q = G R⁻¹`` (``G`` Gaussian, ``R`` the
+    Cholesky factor of ``GᵀG``). Split ``G`` into its first rows ``X`` (``(max_i, max_j)``) and
+    the rest ``Y``: ``GᵀG = XᵀX + YᵀY`` with ``YᵀY ~ Wishart(n − max_i, I)`` independent of
+    ``X``, drawn by Bartlett's decomposition (``L`` lower triangular, ``L_kk² ~ χ²(n − max_i −
+    k)``, ``k = 0, 1, …``, ``N(0, 1)`` below the diagonal). Then ``UᵀV ~ X R⁻¹``.
+
+    Needs ``max_i + max_j <= n``; otherwise (tiny ``n``) it falls back to drawing both bases.
+    Returns ``(max_i, max_j)`` on ``device`` (the draws are made on the CPU generator).
+    """
+    if max_i + max_j > n:
+        U = random_orthonormal(n, max_i, generator, dtype=dtype)
+        V = random_orthonormal(n, max_j, generator, dtype=dtype)
+        return subspace_similarity(U, V).to(device)
+    i, j = max_i, max_j
+    X = torch.randn(i, j, generator=generator, dtype=dtype)  # the first i rows of G
+    L = torch.randn(j, j, generator=generator, dtype=dtype).tril_(-1)  # below-diagonal N(0, 1)
+    df = (n - i) - torch.arange(j, dtype=dtype)  # χ² degrees of freedom, n - i - k
+    chi2 = torch._standard_gamma(df / 2, generator=generator) * 2  # χ²(df) = 2·Gamma(df/2)
+    L.diagonal().copy_(chi2.sqrt())
+    gram = (X.mT @ X + L @ L.mT).to(device)  # GᵀG, (j, j)
+    R = torch.linalg.cholesky(gram, upper=True)  # GᵀG = RᵀR, R upper with a positive diagonal
+    M = torch.linalg.solve_triangular(R, X.to(device), upper=True, left=False)  # X R⁻¹, (i, j)
+    C = (M * M).cumsum(-2).cumsum(-1)
+    ii = torch.arange(1, i + 1, dtype=C.dtype, device=C.device)
+    jj = torch.arange(1, j + 1, dtype=C.dtype, device=C.device)
+    return (C / torch.minimum(ii[:, None], jj[None, :])).clamp_(0.0, 1.0)
 
 
 def subspace_similarity(

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from lorascope.adapter import Adapter, LoraModule
-from lorascope.analysis._common import Device, module_svd
+from lorascope.analysis._common import Device, map_modules, module_svdvals
 from lorascope.linalg import default_rcond
 
 __all__ = ["SpectrumResult", "module_spectrum", "spectrum"]
@@ -70,7 +70,7 @@ def module_spectrum(
     ``rcond`` defaults to ``eps(dtype)·max(d_out, d_in)`` (as ``numpy.linalg.matrix_rank``).
     Raises :class:`~lorascope.errors.ZeroUpdateError` when ``ΔW = 0``.
     """
-    S = module_svd(module, dtype=dtype, device=device).S.cpu().numpy()  # (k,)
+    S = module_svdvals(module, dtype=dtype, device=device).cpu().numpy()  # (k,)
     rcond = default_rcond(module.shape, dtype) if rcond is None else rcond
     sq = S**2
     total = float(sq.sum())
@@ -103,7 +103,8 @@ def spectrum(
 ) -> list[SpectrumResult]:
     """:func:`module_spectrum` for every module of ``adapter`` selected by ``layer``/``module``
     (see :meth:`lorascope.adapter.Adapter.select`)."""
-    return [
-        module_spectrum(m, rcond=rcond, dtype=dtype, device=device)
-        for m in adapter.select(layer=layer, module=module)
-    ]
+    return map_modules(
+        lambda m: module_spectrum(m, rcond=rcond, dtype=dtype, device=device),
+        adapter.select(layer=layer, module=module),
+        device,
+    )
