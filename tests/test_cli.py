@@ -261,6 +261,18 @@ def test_single_tensor_base_is_not_reused_for_another_module(adapters, tmp_path)
     torch.save(torch.randn(D, D), tmp_path / "w.pt")
     res = _run(["amplify", "--base", tmp_path / "w.pt", "--delta", a, "--layer", "47"])
     _assert_one_line_error(res, "w.pt", "holds one tensor")
-    res = _run(["amplify", "--base", tmp_path / "w.pt", "--delta", a, "--layer", "47",
-                "--module", "v", "--json"])
+    res = _run(
+        [
+            "amplify",
+            "--base",
+            tmp_path / "w.pt",
+            "--delta",
+            a,
+            "--layer",
+            "47",
+            "--module",
+            "v",
+            "--json",
+        ]
+    )
     assert res.exit_code == 0 and len(json.loads(res.stdout)) == 1
