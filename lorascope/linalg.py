@@ -29,6 +29,7 @@ __all__ = [
     "random_orthonormal",
     "random_similarity",
     "subspace_similarity",
+    "phi_from_cross",
     "expected_random_similarity",
     "projection_norm",
     "default_rcond",
@@ -276,10 +277,7 @@ def random_similarity(
     gram = (X.mT @ X + L @ L.mT).to(device)  # GᵀG, (j, j)
     R = torch.linalg.cholesky(gram, upper=True)  # GᵀG = RᵀR, R upper with a positive diagonal
     M = torch.linalg.solve_triangular(R, X.to(device), upper=True, left=False)  # X R⁻¹, (i, j)
-    C = (M * M).cumsum(-2).cumsum(-1)
-    ii = torch.arange(1, i + 1, dtype=C.dtype, device=C.device)
-    jj = torch.arange(1, j + 1, dtype=C.dtype, device=C.device)
-    return (C / torch.minimum(ii[:, None], jj[None, :])).clamp_(0.0, 1.0)
+    return phi_from_cross(M)
 
 
 def subspace_similarity(
@@ -327,11 +325,20 @@ def subspace_similarity(
     max_i = p if max_i is None else min(max_i, p)
     max_j = q if max_j is None else min(max_j, q)
     M = U[..., :max_i].mT @ V[..., :max_j]  # (.., i, n) @ (.., n, j) -> (.., i, j)
+    return phi_from_cross(M)
+
+
+def phi_from_cross(M: torch.Tensor) -> torch.Tensor:
+    """The φ grid from the cross-product ``M = UᵀV`` (``(..., i, j)``) of two ordered
+    orthonormal bases: ``φ(i, j) = Σ_{a<i, b<j} M[a, b]² / min(i, j)``, clipped to [0, 1].
+
+    The one place the normalisation of eq. 4 (Hu et al. 2021 §7.2) is written; every route to
+    ``M`` (explicit bases, small R factors, random draws) ends here.
+    """
     C = (M * M).cumsum(-2).cumsum(-1)  # ‖U_iᵀ V_j‖_F² for every (i, j)
-    i = torch.arange(1, max_i + 1, dtype=C.dtype, device=C.device)
-    j = torch.arange(1, max_j + 1, dtype=C.dtype, device=C.device)
-    denom = torch.minimum(i[:, None], j[None, :])  # (i, j)
-    return (C / denom).clamp_(0.0, 1.0)
+    i = torch.arange(1, M.shape[-2] + 1, dtype=C.dtype, device=C.device)
+    j = torch.arange(1, M.shape[-1] + 1, dtype=C.dtype, device=C.device)
+    return (C / torch.minimum(i[:, None], j[None, :])).clamp_(0.0, 1.0)
 
 
 def expected_random_similarity(n: int, max_i: int, max_j: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from lorascope.analysis._common import Device, map_modules, module_svd, pair_mod
 from lorascope.errors import ShapeError
 from lorascope.linalg import (
     expected_random_similarity,
+    phi_from_cross,
     random_similarity,
     singular_basis,
     subspace_similarity,
@@ -153,11 +154,7 @@ def _factor_phi(
     i = p if max_i is None else min(max_i, p)
     j = q if max_j is None else min(max_j, q)
     cross = Xs[0].mT @ Xs[1]  # (p, n) @ (n, q) -> (p, q)
-    M = Pa[:, :i].mT @ cross @ Pb[:, :j]  # U_aᵀ U_b, (i, j)
-    C = (M * M).cumsum(-2).cumsum(-1)
-    ii = torch.arange(1, i + 1, dtype=C.dtype, device=C.device)
-    jj = torch.arange(1, j + 1, dtype=C.dtype, device=C.device)
-    return (C / torch.minimum(ii[:, None], jj[None, :])).clamp_(0.0, 1.0)
+    return phi_from_cross(Pa[:, :i].mT @ cross @ Pb[:, :j])  # M = U_aᵀ U_b, (i, j)
 
 
 def module_similarity(
