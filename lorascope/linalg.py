@@ -25,6 +25,8 @@ __all__ = [
     "factored_svd",
     "factored_svdvals",
     "top_singular",
+    "blocked_matmul",
+    "frobenius_norm",
     "singular_basis",
     "random_orthonormal",
     "random_similarity",
@@ -191,12 +193,25 @@ def top_singular(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
 ) -> SVD:
-    """Top-``k`` singular triplets of a dense matrix ``W`` (``(m, n)``).
+    """Top-``k`` singular triplets of a dense matrix ``W`` (``(m, n)``), any float dtype.
 
-    ``method="exact"`` runs a full ``torch.linalg.svd`` and truncates: used by ``"auto"`` when
-    ``min(m, n) <= exact_max`` or ``k`` is close to ``min(m, n)``. ``"iterative"`` runs
-    ARPACK's implicitly restarted Lanczos (``scipy.sparse.linalg.svds``) with relative
-    tolerance ``tol`` on the singular values (DESIGN.md: never a full SVD of a large ``W``).
+    ``method="exact"`` runs a full ``torch.linalg.svd`` of ``W`` upcast to ``dtype`` (one copy of
+    ``W``: asked for) and truncates: ``"auto"`` picks it when ``min(m, n) <= exact_max`` or
+    ``k`` is close to ``min(m, n)``. ``"iterative"`` (DESIGN.md: never a full SVD of a large
+    ``W``) runs ARPACK's implicitly restarted Lanczos (``scipy.sparse.linalg.svds``) on an
+    operator that applies ``W`` and ``Wᵀ`` block by block (:func:`blocked_matmul`), never
+    copying ``W``:
+
+    - ``W`` stored in float64 (or ``dtype`` itself): the products run in that precision and
+      ARPACK's relative tolerance on the singular values is ``tol``;
+    - ``W`` stored in fp16/bf16/fp32: the products run in float32 (fp16 and bf16 values are
+      exact in float32, only the sums round), ARPACK stops at ``max(tol, 1e-6)``, and one
+      Rayleigh–Ritz step in ``dtype`` follows: ``Y = W Q`` (``Q`` the ARPACK right basis),
+      ``Y = U Σ Zᵀ``, ``V = Q Z``. Singular values then carry errors of order ``ε_32² ·
+      ‖W‖²/gap`` and the subspaces agree with an exact SVD to ``φ ≈ 1 − 1e-12`` when the
+      top-``k`` is separated from the rest.
+
+    Memory beyond ``W``: a few ``(max(m, n), k)`` bases and one block of rows in ``dtype``.
 
     Returns an :class:`SVD` with ``U (m, k)``, ``S (k,)`` descending, ``V (n, k)``,
     deterministic signs.
@@ -209,17 +224,92 @@ def top_singular(
         U, S, Vh = torch.linalg.svd(_upcast(W, dtype), full_matrices=False)
         U, V = _fix_signs(U[:, :k], Vh[:k].mT)
         return SVD(U, S[:k], V)
-    from scipy.sparse.linalg import svds
+    from scipy.sparse.linalg import LinearOperator, svds
 
-    Wn = _upcast(W, dtype).cpu().numpy()
+    # Products in W's own precision (at least float32): no copy of W, and fp16 -> fp32 is exact.
+    work = W.dtype if W.dtype in (torch.float32, torch.float64) else torch.float32
+    work = dtype if work == torch.float64 else work
+
+    def apply(x: np.ndarray, transpose: bool) -> np.ndarray:
+        X = torch.from_numpy(np.ascontiguousarray(x)).to(W.device)
+        X = X.reshape(X.shape[0], -1)  # matvec gets (n,) or (n, 1); matmat (n, b)
+        Y = blocked_matmul(W, X, transpose=transpose, dtype=work)
+        return Y.to(torch.float64).cpu().numpy()
+
+    op = LinearOperator(
+        (m, n),
+        matvec=lambda x: apply(x, False),
+        rmatvec=lambda y: apply(y, True),
+        matmat=lambda X: apply(X, False),
+        rmatmat=lambda Y: apply(Y, True),
+        dtype=np.float64,
+    )
     v0 = np.random.default_rng(seed).standard_normal(min(m, n))
-    u, s, vh = svds(Wn, k=k, tol=tol, v0=v0, solver="arpack")
+    arpack_tol = tol if work == dtype else max(tol, 1e-6)
+    u, s, vh = svds(op, k=k, tol=arpack_tol, v0=v0, solver="arpack")
     order = np.argsort(s)[::-1].copy()
-    U = torch.from_numpy(u[:, order].copy()).to(W.device)
-    V = torch.from_numpy(vh[order].T.copy()).to(W.device)
-    S = torch.from_numpy(s[order].copy()).to(W.device)
+    V = torch.from_numpy(vh[order].T.copy()).to(device=W.device, dtype=dtype)  # (n, k)
+    if work == dtype:
+        U = torch.from_numpy(u[:, order].copy()).to(device=W.device, dtype=dtype)
+        S = torch.from_numpy(s[order].copy()).to(device=W.device, dtype=dtype)
+    else:  # one Rayleigh–Ritz step in `dtype` on the right subspace ARPACK found
+        Q, _ = torch.linalg.qr(V)  # (n, k)
+        Y = blocked_matmul(W, Q, dtype=dtype)  # (m, n) @ (n, k) -> (m, k)
+        U, S, Zh = torch.linalg.svd(Y, full_matrices=False)  # (m, k), (k,), (k, k)
+        V = Q @ Zh.mT  # (n, k)
     U, V = _fix_signs(U, V)
     return SVD(U, S, V)
+
+
+def blocked_matmul(
+    W: torch.Tensor,
+    X: torch.Tensor,
+    *,
+    transpose: bool = False,
+    dtype: torch.dtype = torch.float64,
+    block_bytes: int = 4 << 20,
+) -> torch.Tensor:
+    """``W @ X`` (or ``Wᵀ @ X``) in ``dtype`` without a ``dtype`` copy of the whole ``W``.
+
+    Parameters
+    ----------
+    W : torch.Tensor
+        ``(m, n)`` in its stored dtype (fp16, bf16, fp32, ...).
+    X : torch.Tensor
+        ``(n, b)``, or ``(m, b)`` when ``transpose``.
+    dtype :
+        Precision of the products; ``W`` is upcast one block of rows at a time (about
+        ``block_bytes`` each), so memory beyond ``W`` is one block plus the result. When ``W``
+        already has ``dtype`` it is used as is.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(m, b)`` (``(n, b)`` when ``transpose``) in ``dtype``.
+    """
+    X = X.to(device=W.device, dtype=dtype)
+    if W.dtype == dtype:
+        return (W.mT if transpose else W) @ X
+    m, n = W.shape
+    rows = max(1, block_bytes // max(1, n * torch.empty((), dtype=dtype).element_size()))
+    if transpose:
+        out = torch.zeros(n, X.shape[1], dtype=dtype, device=W.device)
+        for i in range(0, m, rows):
+            out.addmm_(W[i : i + rows].to(dtype).mT, X[i : i + rows])  # (n, rows) @ (rows, b)
+        return out
+    out = torch.empty(m, X.shape[1], dtype=dtype, device=W.device)
+    for i in range(0, m, rows):
+        torch.mm(W[i : i + rows].to(dtype), X, out=out[i : i + rows])  # (rows, n) @ (n, b)
+    return out
+
+
+def frobenius_norm(W: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> float:
+    """``‖W‖_F`` accumulated in ``dtype`` one block of rows at a time (no copy of ``W``)."""
+    if W.dtype == dtype:
+        return float(torch.linalg.matrix_norm(W))
+    rows = max(1, (4 << 20) // max(1, W.shape[1] * 8))
+    total = sum(float(W[i : i + rows].to(dtype).square().sum()) for i in range(0, W.shape[0], rows))
+    return total**0.5
 
 
 def random_orthonormal(
@@ -355,7 +445,8 @@ def expected_random_similarity(n: int, max_i: int, max_j: int) -> np.ndarray:
 def projection_norm(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> float:
     """``‖Uᵀ W V‖_F`` for ``W (m, n)``, ``U (m, k)``, ``V (n, k)`` (paper §7.3, Table 7).
 
-    Computed as ``(Uᵀ W) V`` : ``O(k·m·n)``, never squaring ``W``.
+    Computed as ``Uᵀ (W V)`` in ``U``'s dtype: ``O(k·m·n)``, never squaring ``W``, and ``W``
+    (e.g. fp16 as stored) upcast one block of rows at a time (:func:`blocked_matmul`).
     """
-    P = (U.mT @ W) @ V  # (k, m) @ (m, n) @ (n, k) -> (k, k)
+    P = U.mT @ blocked_matmul(W, V, dtype=U.dtype)  # (k, m) @ ((m, n) @ (n, k)) -> (k, k)
     return float(torch.linalg.matrix_norm(P))
