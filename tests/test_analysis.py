@@ -200,21 +200,25 @@ class _Base:
         return self.weights[m.key]
 
 
-def test_amplification_against_dense():
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("method", ["exact", "iterative"])
+def test_amplification_against_dense(wdtype, method):
+    # W as stored in fp32/fp16 is never copied to float64 whole (issue 5); the products are
+    # accumulated in float64 block by block, so they match numpy on the same values to ~1e-13
     m = _module(d_out=30, d_in=20, r=3, scale=2.0)
     W = torch.randn(30, 20, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    res = module_amplification(m, W.float())
+    res = module_amplification(m, W.to(wdtype), method=method)
     u, _, vh = _dense_svd(m)
-    Wn = W.float().double().numpy()
+    Wn = W.to(wdtype).double().numpy()
     proj = np.linalg.norm(u[:, :3].T @ Wn @ vh[:3].T)
-    assert res.proj_delta == pytest.approx(proj, rel=1e-8)
+    assert res.proj_delta == pytest.approx(proj, rel=1e-12)
     assert res.norm_delta == pytest.approx(np.linalg.norm(m.delta().numpy()), rel=1e-10)
     assert res.norm_weight == pytest.approx(np.linalg.norm(Wn), rel=1e-10)
     sw = np.linalg.svd(Wn, compute_uv=False)
     assert res.proj_weight == pytest.approx(np.sqrt((sw[:3] ** 2).sum()), rel=1e-10)
     assert res.amplification == pytest.approx(res.norm_delta / proj, rel=1e-8)
     assert res.random_expected == pytest.approx(3 * np.linalg.norm(Wn) / np.sqrt(600))
-    out = amplify(Adapter([m], "a.pt", "plain"), _Base({m.key: W}))
+    out = amplify(Adapter([m], "a.pt", "plain"), _Base({m.key: W.to(wdtype)}), method=method)
     assert out[0].to_dict()["amplification"] == pytest.approx(res.amplification)
 
 
@@ -256,3 +260,56 @@ def test_spectrum_over_adapter_selects():
     ad = Adapter([_module(name=n, seed=i) for i, n in enumerate(names)], "a.h5", "hdf5")
     assert [r.module for r in spectrum(ad, module="q")] == names[0::2]
     assert len(spectrum(ad, layer=1)) == 2
+
+
+def test_batched_svds_equal_per_module_ones_and_batch(monkeypatch):
+    """The CUDA route (equal-shaped modules stacked into one factorization) run on the CPU:
+    spectra, similarity on ΔW's own directions and amplification equal the per-module route,
+    with one factored_svd call per shape group instead of one per module."""
+    import lorascope.analysis._common as common
+
+    g = torch.Generator().manual_seed(11)
+
+    def mods(r):
+        out = []
+        for layer in range(4):
+            for kind, d_out in (("q", 12), ("v", 9)):
+                A = torch.randn(r, 10, generator=g, dtype=torch.float32)
+                B = torch.randn(d_out, r, generator=g, dtype=torch.float32)
+                scale = -0.5 if layer == 1 else 2.0 / r  # a negative scale too
+                out.append(LoraModule(f"h.{layer}.{kind}", A, B, scale, layer=layer, kind=kind))
+        return Adapter(out, f"r{r}.pt", "plain")
+
+    a, b = mods(3), mods(5)
+    calls = []
+    real = common.factored_svd
+    monkeypatch.setattr(
+        common, "factored_svd", lambda *x, **k: calls.append(x[0].shape) or real(*x, **k)
+    )
+    values = []
+    real_vals = common.factored_svdvals
+    monkeypatch.setattr(
+        common, "factored_svdvals", lambda *x, **k: values.append(1) or real_vals(*x, **k)
+    )
+    per = spectrum(a, batch=False)
+    assert len(calls) == 0 and len(values) == 8  # the unbatched spectrum: values per module
+    bat = spectrum(a, batch=True)
+    assert [c[0] for c in calls] == [4, 4]  # two shape groups (q, v) of four layers
+    assert len(values) == 8  # ... and nothing more per module
+    for x, y in zip(per, bat, strict=True):
+        np.testing.assert_allclose(y.singular_values, x.singular_values, rtol=1e-12)
+    for factor in ("right", "left"):
+        calls.clear()
+        per = similarity(a, b, factor=factor, batch=False)
+        n_per = len(calls)
+        calls.clear()
+        bat = similarity(a, b, factor=factor, batch=True)
+        assert n_per == 16 and len(calls) == 4
+        for x, y in zip(per, bat, strict=True):
+            np.testing.assert_allclose(y.phi, x.phi, rtol=1e-10, atol=1e-12)
+    weights = {m.key: torch.randn(*m.shape, generator=g).half() for m in a.modules}
+    per = amplify(a, _Base(weights), batch=False)
+    bat = amplify(a, _Base(weights), batch=True)
+    for x, y in zip(per, bat, strict=True):
+        assert y.proj_delta == pytest.approx(x.proj_delta, rel=1e-10)
+        assert y.amplification == pytest.approx(x.amplification, rel=1e-10)

@@ -16,9 +16,9 @@ from typing import Literal
 import torch
 
 from lorascope.adapter import Adapter, LoraModule
-from lorascope.analysis._common import Device, module_svd
+from lorascope.analysis._common import Device, batched_svds, module_svd
 from lorascope.errors import ShapeError, ZeroUpdateError
-from lorascope.linalg import projection_norm, random_orthonormal, top_singular
+from lorascope.linalg import frobenius_norm, projection_norm, random_orthonormal, top_singular
 
 __all__ = ["ProjectionResult", "module_amplification", "amplify"]
 
@@ -93,14 +93,18 @@ def module_amplification(
     if tuple(W.shape) != module.shape:
         raise ShapeError(f"{module.tensor_name()}: base W {tuple(W.shape)} vs ΔW {module.shape}")
     svd = module_svd(module, dtype=dtype, device=device)
-    W = W.to(device=svd.U.device, dtype=dtype)  # one upcast copy of W, not more
-    norm_w = float(torch.linalg.matrix_norm(W))
+    # W stays in its stored dtype (fp16 for a 12288² W is 302 MB; a float64 copy would be 1.2 GB):
+    # every product below upcasts it one block of rows at a time (linalg.blocked_matmul).
+    W = W.to(device=svd.U.device)
+    norm_w = frobenius_norm(W, dtype=dtype)
     if norm_w == 0.0:
         raise ZeroUpdateError(f"{module.tensor_name()}: the base weight W is all zero")
     k = min(module.rank, *module.shape)
     U, V = svd.U[:, :k], svd.V[:, :k]  # (out, k), (in, k)
     proj_delta = projection_norm(W, U, V)
-    proj_weight = float(torch.linalg.vector_norm(top_singular(W, k, method=method, seed=seed).S))
+    proj_weight = float(
+        torch.linalg.vector_norm(top_singular(W, k, method=method, seed=seed, dtype=dtype).S)
+    )
     g = torch.Generator().manual_seed(seed)
     Ur = random_orthonormal(module.d_out, k, g, dtype=dtype).to(W.device)
     Vr = random_orthonormal(module.d_in, k, g, dtype=dtype).to(W.device)
@@ -132,15 +136,20 @@ def amplify(
     method: Literal["auto", "exact", "iterative"] = "auto",
     dtype: torch.dtype = torch.float64,
     device: Device = None,
+    batch: bool | None = None,
 ) -> list[ProjectionResult]:
     """:func:`module_amplification` for every selected module of ``adapter``.
 
     ``base`` is a :class:`lorascope.formats.BaseWeights` (or anything with
-    ``weight_for(module) -> Tensor``); only the weights of the selected modules are read.
+    ``weight_for(module) -> Tensor``); only the weights of the selected modules are read, one
+    at a time (memory: the largest ``W`` in flight, kept in its stored dtype). ``batch``: see
+    :func:`lorascope.analysis._common.batched_svds` (default: on CUDA only).
     """
-    return [
-        module_amplification(
-            m, base.weight_for(m), seed=seed, method=method, dtype=dtype, device=device
-        )
-        for m in adapter.select(layer=layer, module=module)
-    ]
+    mods = adapter.select(layer=layer, module=module)
+    with batched_svds(mods, dtype=dtype, device=device, enabled=batch):
+        return [
+            module_amplification(
+                m, base.weight_for(m), seed=seed, method=method, dtype=dtype, device=device
+            )
+            for m in mods
+        ]

@@ -13,7 +13,13 @@ import numpy as np
 import torch
 
 from lorascope.adapter import Adapter, LoraModule
-from lorascope.analysis._common import Device, map_modules, module_svd, pair_modules
+from lorascope.analysis._common import (
+    Device,
+    batched_svds,
+    map_modules,
+    module_svd,
+    pair_modules,
+)
 from lorascope.errors import ShapeError
 from lorascope.linalg import (
     expected_random_similarity,
@@ -233,31 +239,36 @@ def similarity(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     device: Device = None,
+    batch: bool | None = None,
 ) -> list[SimilarityResult]:
     """:func:`module_similarity` for every module the two adapters share (Figures 3, 4, 6, 7).
 
     Modules are matched by name (then by layer and kind); ``layer``/``module`` select as in
     :meth:`~lorascope.adapter.Adapter.select`. Each pair gets its own seeded baseline
-    (``seed + index``).
+    (``seed + index``). ``batch``: for ``factor="right"``/``"left"``, stack equal-shaped
+    modules into batched SVDs (default: on CUDA only; see
+    :func:`lorascope.analysis._common.batched_svds`).
     """
     pairs = pair_modules(
         a.select(layer=layer, module=module), b.select(layer=layer, module=module), a.path, b.path
     )
-    return map_modules(
-        lambda item: module_similarity(
-            item[1][0],
-            item[1][1],
-            factor,
-            max_i=max_i,
-            max_j=max_j,
-            baseline=baseline,
-            seed=seed + item[0],
-            dtype=dtype,
-            device=device,
-        ),
-        list(enumerate(pairs)),
-        device,
-    )
+    mods = [m for pair in pairs for m in pair] if factor in ("right", "left") else []
+    with batched_svds(mods, dtype=dtype, device=device, enabled=batch):
+        return map_modules(
+            lambda item: module_similarity(
+                item[1][0],
+                item[1][1],
+                factor,
+                max_i=max_i,
+                max_j=max_j,
+                baseline=baseline,
+                seed=seed + item[0],
+                dtype=dtype,
+                device=device,
+            ),
+            list(enumerate(pairs)),
+            device,
+        )
 
 
 def weight_similarity(

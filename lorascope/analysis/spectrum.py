@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from lorascope.adapter import Adapter, LoraModule
-from lorascope.analysis._common import Device, map_modules, module_svdvals
+from lorascope.analysis._common import Device, batched_svds, map_modules, module_svdvals
 from lorascope.linalg import default_rcond
 
 __all__ = ["SpectrumResult", "module_spectrum", "spectrum"]
@@ -100,11 +100,15 @@ def spectrum(
     rcond: float | None = None,
     dtype: torch.dtype = torch.float64,
     device: Device = None,
+    batch: bool | None = None,
 ) -> list[SpectrumResult]:
     """:func:`module_spectrum` for every module of ``adapter`` selected by ``layer``/``module``
-    (see :meth:`lorascope.adapter.Adapter.select`)."""
-    return map_modules(
-        lambda m: module_spectrum(m, rcond=rcond, dtype=dtype, device=device),
-        adapter.select(layer=layer, module=module),
-        device,
-    )
+    (see :meth:`lorascope.adapter.Adapter.select`).
+
+    ``batch`` stacks equal-shaped modules into batched factorizations (default: on CUDA only;
+    see :func:`lorascope.analysis._common.batched_svds`)."""
+    mods = adapter.select(layer=layer, module=module)
+    with batched_svds(mods, dtype=dtype, device=device, enabled=batch):
+        return map_modules(
+            lambda m: module_spectrum(m, rcond=rcond, dtype=dtype, device=device), mods, device
+        )
