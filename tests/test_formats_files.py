@@ -157,3 +157,37 @@ def test_plain_bare_keys_take_alpha_from_sibling_config(tmp_path):
     (m,) = adapter.modules
     assert (m.name, m.scale) == ("delta", 4.0)
     torch.testing.assert_close(m.delta(), 4.0 * B.double() @ A.double())
+
+
+def test_safetensors_adapters_are_read_as_views_of_the_file(tmp_path):
+    """Zero-copy reading (issue 5): the float tensors of a safetensors adapter are views of one
+    private memory map of the file, so consecutive tensors sit exactly as far apart in memory
+    as in the file, and their values equal safe_open's copies."""
+    import json as _json
+    import struct
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lorascope.formats._common import read_tensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "m.lora_A.weight": torch.randn(4, 32, generator=g).half(),
+        "m.lora_B.weight": torch.randn(16, 4, generator=g).half(),
+        "n.lora_A.weight": torch.randn(2, 8, generator=g),
+        "steps": torch.arange(3),  # an int tensor: copied by safe_open, not mapped
+    }
+    path = tmp_path / "a.safetensors"
+    save_file(tensors, path)
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = _json.loads(fh.read(n))
+    got, _ = read_tensors(path)
+    with safe_open(str(path), "pt") as f:
+        for k in tensors:
+            torch.testing.assert_close(got[k], f.get_tensor(k), rtol=0, atol=0)
+    floats = [k for k in tensors if tensors[k].is_floating_point()]
+    base = got[floats[0]].data_ptr() - header[floats[0]]["data_offsets"][0]
+    for k in floats:
+        assert got[k].data_ptr() - base == header[k]["data_offsets"][0], k
