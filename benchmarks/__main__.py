@@ -138,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                     "`python -m lorascope …` subprocess (interpreter start and imports "
                     "included), page cache warm; peak RSS is the command's own high-water mark "
                     "(`getrusage` in a small wrapper process, whose start is in every wall "
-                    "time, the floor's included). The read floor is a "
+                    "time, the floor's included); peak anon. RSS is the largest anonymous "
+                    "RSS sampled every 5 ms (`RssAnon`: memory the process owns, as opposed to "
+                    "the file pages it maps; lorascope reads safetensors adapters as zero-copy "
+                    "views of a private memory map). The read floor is a "
                     "subprocess that imports torch and reads every tensor of the same files "
                     "with `safe_open`; `wall / floor` is the target's ratio (≤ 3×).\n"
                 )
@@ -161,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{d} × {d}); `lorascope amplify --layer 1` reads W_q and W_v of layer 1 "
                     "only. Bytes read are `BaseWeights.bytes_read` from the same call made "
                     "in-process. The synthetic W is a Gaussian bulk plus 96 separated outlier "
-                    "directions.\n"
+                    "directions. W stays fp16 as stored: ‖W‖_F, ‖UᵀWV‖_F and the products of the "
+                    "iterative top-r are computed block by block (float32 products for ARPACK, "
+                    "then one float64 Rayleigh–Ritz step), never a float64 copy of W.\n"
                 )
                 out.append(md + "\n")
                 out.append(

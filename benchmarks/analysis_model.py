@@ -93,29 +93,46 @@ def write_base(root: Path, layers: list[int], d: int, seed: int = 1) -> Path:
 
 
 # Peak RSS is read by a small wrapper process: a child forked straight from this (large)
-# process would inherit its RSS high-water mark, which Linux keeps across exec.
+# process would inherit its RSS high-water mark, which Linux keeps across exec. The wrapper also
+# samples the child's anonymous RSS (/proc/PID/status RssAnon, every 5 ms): the memory the
+# process owns, as opposed to file pages it maps (clean page cache the kernel can drop).
 _WRAP = (
-    "import resource, subprocess, sys\n"
-    "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-    "sys.exit(r)\n"
+    "import resource, subprocess, sys, time\n"
+    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+    "anon = 0\n"
+    "while p.poll() is None:\n"
+    "    try:\n"
+    "        for line in open(f'/proc/{p.pid}/status'):\n"
+    "            if line.startswith('RssAnon:'):\n"
+    "                anon = max(anon, int(line.split()[1]))\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "    time.sleep(0.005)\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, anon)\n"
+    "sys.exit(p.returncode)\n"
 )
 
 
-def run(cmd: list[str], env: dict) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GiB) of one subprocess."""
+def run(cmd: list[str], env: dict) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS and peak anonymous RSS (GiB, sampled) of one subprocess."""
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr[-2000:]}")
-    return wall, int(p.stdout.strip().splitlines()[-1]) / 2**20  # KiB -> GiB
+    rss, anon = (int(x) / 2**20 for x in p.stdout.strip().splitlines()[-1].split())  # KiB -> GiB
+    return wall, rss, anon
 
 
-def median_run(cmd: list[str], env: dict, repeats: int) -> tuple[float, float]:
+def median_run(cmd: list[str], env: dict, repeats: int) -> tuple[float, float, float]:
+    """Median wall time, largest peak RSS and largest peak anonymous RSS over ``repeats``."""
     run(cmd, env)  # warm the page cache and the import caches
     res = [run(cmd, env) for _ in range(repeats)]
-    return statistics.median(w for w, _ in res), max(m for _, m in res)
+    return (
+        statistics.median(w for w, _, _ in res),
+        max(m for _, m, _ in res),
+        max(a for _, _, a in res),
+    )
 
 
 _FLOOR = (
@@ -133,9 +150,11 @@ def model_rows(paths: dict, device: str, repeats: int, log) -> tuple[str, list[d
     env = {**os.environ}
     py = [sys.executable]
     files = {r: str(p / "adapter_model.safetensors") for r, p in paths.items()}
-    startup, _ = median_run([*py, "-c", _IMPORT], env, repeats)
-    floor_both, rss_floor = median_run([*py, "-c", _FLOOR, files[8], files[64]], env, repeats)
-    floor_64, _ = median_run([*py, "-c", _FLOOR, files[64]], env, repeats)
+    startup = median_run([*py, "-c", _IMPORT], env, repeats)[0]
+    floor_both, rss_floor, anon_floor = median_run(
+        [*py, "-c", _FLOOR, files[8], files[64]], env, repeats
+    )
+    floor_64 = median_run([*py, "-c", _FLOOR, files[64]], env, repeats)[0]
     dev = ["--device", device]
     cli = [*py, "-m", "lorascope"]
     cases = [
@@ -153,8 +172,9 @@ def model_rows(paths: dict, device: str, repeats: int, log) -> tuple[str, list[d
     ]
     rows, recs = [], []
     for label, cmd, floor in cases:
-        wall, rss = median_run(cmd, env, repeats)
-        rec = {"case": label, "wall": wall, "rss": rss, "floor": floor, "startup": startup}
+        wall, rss, anon = median_run(cmd, env, repeats)
+        rec = {"case": label, "wall": wall, "rss": rss, "anon": anon, "floor": floor}
+        rec["startup"] = startup
         log(f"model: {rec}")
         recs.append(rec)
         rows.append(
@@ -162,6 +182,7 @@ def model_rows(paths: dict, device: str, repeats: int, log) -> tuple[str, list[d
                 label,
                 fmt_s(wall),
                 f"{rss:.2f} GiB",
+                f"{anon:.2f} GiB",
                 fmt_s(floor),
                 f"{wall / floor:.2f}×",
                 f"{100 * floor / wall:.0f} %",
@@ -169,14 +190,21 @@ def model_rows(paths: dict, device: str, repeats: int, log) -> tuple[str, list[d
             ]
         )
     rows.append(
-        ["read floor alone (both files)", fmt_s(floor_both), f"{rss_floor:.2f} GiB", "", "", "", ""]
+        [
+            "read floor alone (both files)",
+            fmt_s(floor_both),
+            f"{rss_floor:.2f} GiB",
+            f"{anon_floor:.2f} GiB",
+            *[""] * 4,
+        ]
     )
-    rows.append(["`import lorascope.cli.main` alone", fmt_s(startup), "", "", "", "", ""])
+    rows.append(["`import lorascope.cli.main` alone", fmt_s(startup), *[""] * 6])
     md = table(
         [
             "command (all modules)",
             "wall (median)",
             "peak RSS",
+            "peak anon. RSS",
             "read floor",
             "wall / floor",
             "floor share",
@@ -203,13 +231,15 @@ def amplify_rows(
     cmd += [str(paths[8]), "--layer", str(layer), "--device", device]
     # multi-second runs: ``repeats`` CLI runs without a further warm-up
     res_cli = [run(cmd, {**os.environ}) for _ in range(max(1, min(repeats, 2)))]
-    wall = statistics.median(w for w, _ in res_cli)
-    rss = max(m for _, m in res_cli)
+    wall = statistics.median(w for w, _, _ in res_cli)
+    rss = max(m for _, m, _ in res_cli)
+    anon = max(a for _, _, a in res_cli)
     needed = sum(m.d_out * m.d_in * 2 for m in ad.select(layer=layer))  # fp16 W_q, W_v
     on_disk = sum(p.stat().st_size for p in index.parent.glob("*.safetensors"))
     rec = {
         "wall": wall,
         "rss": rss,
+        "anon": anon,
         "api": t_api,
         "bytes_read": base.bytes_read,
         "needed": needed,
@@ -222,6 +252,7 @@ def amplify_rows(
             "amplify (r = 8, W_q and W_v of one layer)",
             "CLI wall (median)",
             "peak RSS",
+            "peak anon. RSS",
             "in-process",
             "bytes read",
             "bytes of needed tensors",
@@ -232,6 +263,7 @@ def amplify_rows(
                 f"layer {layer}, d = {res[0].shape[0]}",
                 fmt_s(wall),
                 f"{rss:.2f} GiB",
+                f"{anon:.2f} GiB",
                 fmt_s(t_api),
                 f"{base.bytes_read:,}",
                 f"{needed:,}",
