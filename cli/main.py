@@ -63,10 +63,20 @@ def _add_commands() -> None:
         spectrum,
         weight_similarity,
     )
+    from lorascope.cli.merge import merge
     from lorascope.cli.report import report
     from lorascope.cli.train import train
 
-    for cmd in (inspect, spectrum, similarity, amplify, weight_similarity, report, train):
+    for cmd in (
+        inspect,
+        spectrum,
+        similarity,
+        amplify,
+        weight_similarity,
+        merge,
+        report,
+        train,
+    ):
         main.add_command(cmd)
 
 

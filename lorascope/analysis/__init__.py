@@ -1,4 +1,6 @@
-"""The analyses of Hu et al. 2021 §7, over one module or a whole adapter.
+"""The analyses of Hu et al. 2021 §7 (and what to do with them), over one module or a whole
+adapter: spectra, subspace similarity, projections/amplification, rank choice and truncation,
+intruder dimensions (Shuttleworth et al. 2024) and N-adapter comparison.
 
 Kernels live in :mod:`lorascope.linalg`; these functions walk adapters and return tidy results
 with ``to_dict()`` (the CLI's JSON contract).

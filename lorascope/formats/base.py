@@ -5,11 +5,20 @@ model directory (``model.safetensors[.index.json]``, ``pytorch_model.bin[.index.
 sharded checkpoint's ``*.index.json``. safetensors files are opened with ``safe_open`` and read
 one tensor (or one slice) at a time; torch files are loaded with ``mmap=True, weights_only=True``,
 so only the pages of the tensors used are touched.
+
+Writing (for ``lorascope merge``): :func:`write_safetensors` streams a safetensors file one tensor
+at a time, so a merged checkpoint never has to be held in memory.
 """
 
 from __future__ import annotations
 
+import json
+import struct
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -26,7 +35,7 @@ from lorascope.formats._common import (
     unwrap,
 )
 
-__all__ = ["BaseWeights", "load_base"]
+__all__ = ["BaseWeights", "Placement", "load_base", "write_safetensors", "SAFETENSORS_DTYPES"]
 
 # Preferred files in a model directory, best first.
 _DIR_FILES = (
@@ -37,6 +46,56 @@ _DIR_FILES = (
     "diffusion_pytorch_model.safetensors.index.json",
     "diffusion_pytorch_model.safetensors",
 )
+
+# safetensors dtype names, in the order the reference serializer stores tensors (its Dtype enum,
+# largest first), so that every tensor in a file we write starts aligned to its element size.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "U64": torch.uint64,
+    "I64": torch.int64,
+    "F64": torch.float64,
+    "C64": torch.complex64,
+    "F32": torch.float32,
+    "U32": torch.uint32,
+    "I32": torch.int32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "U16": torch.uint16,
+    "I16": torch.int16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_DTYPE_ORDER = {name: i for i, name in enumerate(SAFETENSORS_DTYPES)}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a module's ``ΔW`` (``(d_out, d_in)``) lands in a stored base tensor.
+
+    Attributes
+    ----------
+    key : str
+        The tensor's name in the checkpoint.
+    file : Path
+        The file holding it.
+    shape : tuple of int
+        Its stored shape: ``(d_out, d_in)``; ``(d_in, d_out)`` when ``transposed``; a conv kernel
+        ``(out, in, *kernel)`` (then ``ΔW`` is ``(out, in·prod(kernel))``, reshaped to it).
+    transposed : bool
+        Stored ``(d_in, D)`` (GPT-2 ``Conv1D``, ``fan_in_fan_out``): ``ΔWᵀ`` goes in.
+    rows : tuple of int or None
+        For a fused part, the rows ``[start, stop)`` of the ``(D, d_in)`` view that ``ΔW``
+        updates (columns of the stored tensor when ``transposed``); None for the whole tensor.
+    """
+
+    key: str
+    file: Path
+    shape: tuple[int, ...]
+    transposed: bool
+    rows: tuple[int, int] | None
 
 
 def _entry(path: Path) -> Path:
@@ -75,6 +134,7 @@ class BaseWeights:
         self.path = str(path)
         self.bytes_read = 0
         entry = _entry(Path(path))
+        self.entry = entry  # the file read first: weights, or the index of a sharded checkpoint
         self._key_file: dict[str, Path] = {}  # tensor key -> the file holding it
         self._torch: dict[Path, object] = {}  # mmap'ed torch files, loaded on first use
         self._stems: dict[str, str] | None = None
@@ -106,6 +166,50 @@ class BaseWeights:
         """Tensor names in the checkpoint (``[""]`` for a single-tensor ``.pt``)."""
         return list(self._key_file)
 
+    def file_of(self, key: str) -> Path:
+        """The file holding tensor ``key`` (a shard, for a sharded checkpoint)."""
+        if key not in self._key_file:
+            raise MissingModuleError(f"{self.path}: has no tensor {key}")
+        return self._key_file[key]
+
+    def files(self) -> list[Path]:
+        """The weight files, in the order their first tensor appears (shards in index order)."""
+        return list(dict.fromkeys(self._key_file.values()))
+
+    def info(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Stored shape and dtype of tensor ``key``, from the header alone (nothing is read)."""
+        file = self.file_of(key)
+        if not file.is_file():
+            raise FormatError(f"{file}: shard named in the index is missing (for {key})")
+        if sniff(file) == "safetensors":
+            with open_safetensors(file) as f:
+                try:
+                    sl = f.get_slice(key)
+                    shape, name = tuple(int(s) for s in sl.get_shape()), sl.get_dtype()
+                except Exception as e:
+                    raise FormatError(f"{file}: {key}: {one_line(e)}") from None
+            if name not in SAFETENSORS_DTYPES:
+                raise FormatError(f"{file}: {key} has dtype {name}, which torch cannot hold")
+            return shape, SAFETENSORS_DTYPES[name]
+        obj = self._load_torch(file)
+        t = obj if isinstance(obj, torch.Tensor) else obj.get(key)
+        if t is None:
+            raise FormatError(f"{file}: has no tensor {key} (the index says it does)")
+        return tuple(int(s) for s in t.shape), t.dtype
+
+    def metadata(self, file: Path) -> dict[str, str]:
+        """The ``__metadata__`` of a safetensors weight file (``{}`` for a torch file)."""
+        if sniff(file) != "safetensors":
+            return {}
+        with open_safetensors(file) as f:
+            return dict(f.metadata() or {})
+
+    def tensor(self, key: str, *, check: bool = True) -> torch.Tensor:
+        """Tensor ``key`` whole, exactly as stored (dtype and orientation), counted in
+        :attr:`bytes_read`; NaN/Inf raise :class:`NonFiniteError` unless ``check`` is False."""
+        self.file_of(key)
+        return self._read(key, None, check=check)
+
     # ------------------------------------------------------------------ reading
 
     def _load_torch(self, file: Path):
@@ -134,7 +238,7 @@ class BaseWeights:
             raise FormatError(f"{file}: has no tensor {key} (the index says it does)")
         return tuple(int(s) for s in t.shape)
 
-    def _read(self, key: str, index: tuple[slice, ...] | None) -> torch.Tensor:
+    def _read(self, key: str, index: tuple[slice, ...] | None, check: bool = True) -> torch.Tensor:
         """Read tensor ``key`` (or ``key[index]``), counting the bytes."""
         file = self._key_file[key]
         try:
@@ -149,7 +253,8 @@ class BaseWeights:
         except (OSError, RuntimeError, ValueError, KeyError) as e:
             raise FormatError(f"{file}: cannot read {key}: {one_line(e)}") from None
         self.bytes_read += t.numel() * t.element_size()
-        check_finite(t, file, key)
+        if check:
+            check_finite(t, file, key)
         return t
 
     # ------------------------------------------------------------------ matching
@@ -193,22 +298,11 @@ class BaseWeights:
             f"{self.path}: no weight for module {name} ({len(self._stems)} weights)"
         )
 
-    def weight_for(self, module: LoraModule) -> torch.Tensor:
-        """The base weight ``W`` that ``module`` adapts, read alone, in ``nn.Linear`` orientation.
+    def locate(self, module: LoraModule) -> Placement:
+        """Which stored tensor ``module`` adapts, and how ``ΔW`` sits in it; nothing is read.
 
-        Parameters
-        ----------
-        module : LoraModule
-            Matched by name: ``name.weight``, ``name.base_layer.weight``, or a unique suffix match
-            in either direction, dotted or kohya-underscored.
-
-        Returns
-        -------
-        torch.Tensor
-            ``(module.d_out, module.d_in)``, dtype as stored: for a fused part only its
-            ``module.rows``; transposed when ``module.fan_in_fan_out`` is True; when it is None,
-            the orientation whose shape fits (a square weight is taken as stored). A conv kernel
-            ``(out, in, kh, kw)`` comes back as ``(out, in·kh·kw)``.
+        Name matching and orientation are those of :meth:`weight_for` (which reads what this
+        finds); the stored shape is cross-checked against ``module.shape`` either way round.
 
         Raises
         ------
@@ -216,17 +310,15 @@ class BaseWeights:
             No (or more than one) matching weight.
         ShapeError
             The stored shape fits neither orientation (or not the declared one).
-        NonFiniteError
-            NaN/Inf in the weight.
         """
         key = self._find_key(module)
         file = self._key_file[key]
         where = f"{file}: {key or '<tensor>'}"
         stored = self._shape(key)
-        if len(stored) > 2:  # conv kernel (out, in, kh, kw): read whole, flatten to (out, in*kh*kw)
+        if len(stored) > 2:  # conv kernel (out, in, kh, kw) <-> ΔW (out, in*kh*kw)
             flat = (stored[0], int(torch.Size(stored[1:]).numel()))
             if module.rows is None and flat == module.shape:
-                return self._read(key, None).reshape(flat)
+                return Placement(key, file, stored, transposed=False, rows=None)
             raise ShapeError(f"{where} has shape {stored}; {module.key} needs {module.shape}")
         if len(stored) != 2:
             raise ShapeError(
@@ -260,12 +352,122 @@ class BaseWeights:
                     f"{(d_in, d_out) if ffo else (d_out, d_in)}; "
                     f"pass fan_in_fan_out={not ffo} if the file is wrong"
                 )
-        rows = slice(*module.rows) if module.rows is not None else None
-        if transposed:  # stored (d_in, D): slice columns, then .T -> (d_out, d_in)
-            return self._read(key, None if rows is None else (slice(None), rows)).T
-        return self._read(key, None if rows is None else (rows,))
+        return Placement(key, file, stored, transposed=transposed, rows=module.rows)
+
+    def weight_for(self, module: LoraModule) -> torch.Tensor:
+        """The base weight ``W`` that ``module`` adapts, read alone, in ``nn.Linear`` orientation.
+
+        Parameters
+        ----------
+        module : LoraModule
+            Matched by name: ``name.weight``, ``name.base_layer.weight``, or a unique suffix match
+            in either direction, dotted or kohya-underscored.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(module.d_out, module.d_in)``, dtype as stored: for a fused part only its
+            ``module.rows``; transposed when ``module.fan_in_fan_out`` is True; when it is None,
+            the orientation whose shape fits (a square weight is taken as stored). A conv kernel
+            ``(out, in, kh, kw)`` comes back as ``(out, in·kh·kw)``.
+
+        Raises
+        ------
+        MissingModuleError
+            No (or more than one) matching weight.
+        ShapeError
+            The stored shape fits neither orientation (or not the declared one).
+        NonFiniteError
+            NaN/Inf in the weight.
+        """
+        p = self.locate(module)
+        if len(p.shape) > 2:  # conv kernel: read whole, flatten to (out, in*kh*kw)
+            return self._read(p.key, None).reshape(module.shape)
+        rows = slice(*p.rows) if p.rows is not None else None
+        if p.transposed:  # stored (d_in, D): slice columns, then .T -> (d_out, d_in)
+            return self._read(p.key, None if rows is None else (slice(None), rows)).T
+        return self._read(p.key, None if rows is None else (rows,))
 
 
 def load_base(path: str | Path) -> BaseWeights:
     """Open base weights lazily (see :class:`BaseWeights`); nothing but the index is read yet."""
     return BaseWeights(path)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_safetensors(
+    path: str | Path,
+    specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+    produce: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write a safetensors file one tensor at a time: at most one tensor is ever in memory.
+
+    The header (names, dtypes, shapes, byte offsets) is known up front from ``specs``; the data
+    follow in the reference serializer's order (largest dtype first, then by name), each tensor
+    asked for with ``produce(name)`` just before its bytes are written. For the same tensors and
+    metadata the file is byte-identical to ``safetensors.torch.save_file``'s.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to create (an existing one is replaced: callers write into a fresh directory).
+    specs : iterable of (name, shape, dtype)
+    produce : callable
+        ``produce(name)`` returns the tensor ``name``; its shape and dtype must match its spec.
+    metadata : dict of str to str, optional
+        The header's ``__metadata__`` (``{"format": "pt"}`` for ``transformers``).
+
+    Returns
+    -------
+    int
+        Bytes of tensor data written.
+
+    Raises
+    ------
+    FormatError
+        A dtype safetensors cannot store, duplicate names, or a produced tensor that disagrees
+        with its spec.
+    """
+    path = Path(path)
+    if sys.byteorder != "little":  # safetensors stores little-endian bytes
+        raise FormatError(f"{path}: writing safetensors needs a little-endian machine")
+    entries: list[tuple[str, tuple[int, ...], str]] = []
+    for name, shape, dtype in specs:
+        if dtype not in _DTYPE_NAMES:
+            raise FormatError(f"{path}: {name} has dtype {dtype}, which safetensors cannot store")
+        entries.append((name, tuple(int(s) for s in shape), _DTYPE_NAMES[dtype]))
+    if len({e[0] for e in entries}) != len(entries):
+        raise FormatError(f"{path}: duplicate tensor names")
+    entries.sort(key=lambda e: (_DTYPE_ORDER[e[2]], e[0]))
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, shape, dt in entries:
+        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=SAFETENSORS_DTYPES[dt]).itemsize
+        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)  # the data start 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for name, shape, dt in entries:
+            t = produce(name)
+            if tuple(t.shape) != shape or t.dtype != SAFETENSORS_DTYPES[dt]:
+                raise FormatError(
+                    f"{path}: {name} came out {tuple(t.shape)} {t.dtype}, "
+                    f"not the {shape} {SAFETENSORS_DTYPES[dt]} of the header"
+                )
+            _write_bytes(f, t)
+    return offset
+
+
+def _write_bytes(f: BinaryIO, t: torch.Tensor) -> None:
+    """The raw little-endian bytes of ``t`` (row-major), without a copy when it is contiguous."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel():
+        f.write(memoryview(flat.view(torch.uint8).numpy()))

@@ -49,7 +49,7 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 CONFIG_FILE = "adapter_config.json"
 # init_lora_weights values whose init subtracts B@A from the base weight (pissa_niter_4, ...):
 # the saved factors are then not the whole update (peft tuners/lora/layer.py, update_layer).
-_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 # A complete LoraConfig, restricted to fields every peft >= 0.13 knows (newer peft fills the rest).
 _DEFAULT_CONFIG: dict[str, Any] = {
@@ -190,7 +190,7 @@ def read_peft(
         )
 
     init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_MUTATING_INITS):
+    if isinstance(init, str) and init.lower().startswith(MUTATING_INITS):
         warn(
             weights,
             f"init_lora_weights={init!r} also changed the base weights: "
