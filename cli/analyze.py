@@ -18,9 +18,9 @@ from lorascope.cli.options import (
     output_options,
     reading_options,
     selection_options,
+    side_option,
 )
-from lorascope.cli.output import print_csv, print_json, print_table
-from lorascope.errors import LoraScopeError
+from lorascope.cli.output import print_csv, print_json, print_table, save_plot
 from lorascope.formats import load_base
 
 
@@ -272,26 +272,18 @@ def similarity(
 
 
 def _save_phi_plot(results, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from lorascope.plot import plot_phi, plot_phi_grid
 
-    if len(results) == 1:
+    def draw(plt):
+        if len(results) > 1:
+            return plot_phi_grid(results)
         r = results[0]
         fig, ax = plt.subplots(figsize=(max(4.0, 0.12 * r.phi.shape[1] + 2.5), 3.2))
         other = "W" if r.module_b == "W" else f"r={r.rank_b}"
         plot_phi(r.phi, ax, title=f"φ({r.module}, r={r.rank} vs {other})")
-    else:
-        fig = plot_phi_grid(results)
-    try:
-        fig.savefig(path, bbox_inches="tight", dpi=150)
-    except ValueError as e:  # unknown extension
-        raise LoraScopeError(f"{path}: cannot save plot: {e}") from None
-    finally:
-        plt.close(fig)
+        return fig
+
+    save_plot(draw, path)
 
 
 @click.command()
@@ -372,13 +364,7 @@ def amplify(
 @selection_options
 @compute_options
 @output_options
-@click.option(
-    "--side",
-    type=click.Choice(["right", "left"]),
-    default="right",
-    show_default=True,
-    help="Input-side (right, V) or output-side (left, U) singular directions.",
-)
+@side_option("right", "Input-side (right, V) or output-side (left, U) singular directions.")
 @click.option(
     "--max-i",
     type=click.IntRange(min=1),

@@ -63,6 +63,8 @@ def _add_commands() -> None:
         spectrum,
         weight_similarity,
     )
+    from lorascope.cli.compare import compare
+    from lorascope.cli.intruders import intruders
     from lorascope.cli.merge import merge
     from lorascope.cli.report import report
     from lorascope.cli.train import train
@@ -74,6 +76,8 @@ def _add_commands() -> None:
         amplify,
         weight_similarity,
         merge,
+        intruders,
+        compare,
         report,
         train,
     ):

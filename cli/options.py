@@ -116,3 +116,15 @@ method_option = click.option(
     show_default=True,
     help="How W's top singular subspace is found: exact SVD, or ARPACK (iterative) for large W.",
 )
+
+
+def side_option(default: str, help: str) -> Callable:
+    """``--side right|left``: input-side (right, ``V``, in R^d_in) or output-side (left, ``U``)
+    singular directions; each command states what it compares and its default."""
+    return click.option(
+        "--side",
+        type=click.Choice(["right", "left"]),
+        default=default,
+        show_default=True,
+        help=help,
+    )

@@ -10,7 +10,8 @@ import csv
 import json
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -63,3 +64,25 @@ def print_csv(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     for row in rows:
         out.writerow(["" if v is None else v for v in row])
     sys.stdout.flush()
+
+
+def save_plot(draw: Callable[[Any], Any], path: Path) -> None:
+    """Draw a figure with the Agg backend and save it to ``path`` (format from the suffix).
+
+    ``draw`` receives ``matplotlib.pyplot`` and returns the Figure (the plot functions of
+    :mod:`lorascope.plot` never save); an unknown suffix is a one-line ``LoraScopeError``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorascope.errors import LoraScopeError
+
+    fig = draw(plt)
+    try:
+        fig.savefig(path, bbox_inches="tight", dpi=150)
+    except ValueError as e:  # unknown extension
+        raise LoraScopeError(f"{path}: cannot save plot: {e}") from None
+    finally:
+        plt.close(fig)

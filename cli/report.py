@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from lorascope.cli.options import compute_options, method_option, reading_options
+from lorascope.cli.options import compute_options, method_option, reading_options, side_option
 from lorascope.errors import LoraScopeError
 
 
@@ -74,13 +74,7 @@ def _command(ctx: click.Context) -> str:
     show_default=True,
     help="W's top singular directions in Figure 8.",
 )
-@click.option(
-    "--side",
-    type=click.Choice(["right", "left"]),
-    default="right",
-    show_default=True,
-    help="Figure 8 on input-side (right) or output-side (left) singular directions.",
-)
+@side_option("right", "Figure 8 on input-side (right) or output-side (left) singular directions.")
 @click.option(
     "--factor",
     type=click.Choice(["A", "B", "right", "left"]),

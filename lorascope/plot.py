@@ -14,6 +14,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
+from lorascope.analysis.compare import CompareResult, SettleResult, cluster, mean_matrix
+from lorascope.analysis.intruders import IntruderResult
 from lorascope.analysis.similarity import SimilarityResult
 
 __all__ = [
@@ -23,6 +25,11 @@ __all__ = [
     "plot_singular_values",
     "plot_by_layer",
     "plot_amplification",
+    "plot_intruders",
+    "plot_intruders_grid",
+    "plot_compare_matrix",
+    "plot_compare",
+    "plot_settle",
 ]
 
 
@@ -169,4 +176,227 @@ def plot_amplification(
     ax.set_xticks(list(ranks), [str(r) for r in ranks])
     ax.set_xlabel("r")
     ax.set_ylabel("‖ΔW‖_F / ‖UᵀWV‖_F")
+    return ax
+
+
+# ----------------------------------------------------------------------------- intruders
+
+
+def plot_intruders(
+    result: IntruderResult,
+    ax: Axes | None = None,
+    *,
+    epsilon: float | None = None,
+    max_cols: int | None = None,
+    cbar: bool = True,
+    title: str | None = None,
+) -> Axes:
+    """Heatmap of ``|cos(y_j, x_i)|``: rows ``j`` are the top-``k`` singular vectors of
+    ``W + ΔW``, columns ``i`` those of ``W``, both by singular value, on the fixed scale [0, 1]
+    (Shuttleworth et al. 2024, Figure 1). Rows that are intruder dimensions at ``epsilon``
+    (default: the result's first ε) are outlined in red: no bright cell anywhere in the row.
+
+    ``max_cols`` keeps the first columns of the ``min(d_out, d_in)``; by default
+    ``max(4k, largest best match)``, so every row's brightest cell is in view.
+    """
+    sim = np.asarray(result.similarity)  # (k, p)
+    p_all = sim.shape[1]
+    if max_cols is None:
+        max_cols = max(4 * sim.shape[0], *result.best_match)
+    sim = sim[:, :max_cols]
+    k, p = sim.shape
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.0, 0.2 * k + 1.4))
+    im = ax.imshow(sim, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
+    eps = result.epsilon[0] if epsilon is None else epsilon
+    bad = [j for j, m in enumerate(result.max_similarity, start=1) if m < eps]
+    for j in bad:
+        ax.axhspan(j - 1.5, j - 0.5, facecolor="none", edgecolor="red", linewidth=1.2)
+    ax.set_yticks([t - 1 for t in _ticks(k, 10)], [str(t) for t in _ticks(k, 10)])
+    ax.set_xticks([t - 1 for t in _ticks(p)], [str(t) for t in _ticks(p)])
+    shown = f", first {p} of {p_all}" if p < p_all else ""
+    ax.set_xlabel(f"i (singular vector of W{shown})")
+    ax.set_ylabel("j (of W + ΔW)")
+    if title is None:
+        where = f"L{result.layer} {result.kind}" if result.layer is not None else result.module
+        title = f"{where} (r={result.rank}): {len(bad)} intruder(s) at ε={eps:g}"
+    ax.set_title(title, fontsize=9)
+    if cbar:
+        ax.figure.colorbar(im, ax=ax, label="|cos|", shrink=0.9)
+    return ax
+
+
+def plot_intruders_grid(
+    results: Sequence[IntruderResult],
+    *,
+    epsilon: float | None = None,
+    max_cols: int | None = None,
+) -> Figure:
+    """One :func:`plot_intruders` panel per module: a row per layer and a column per kind when
+    every (layer, kind) is unique (e.g. q and v of each block), else two panels a row."""
+    n = len(results)
+    keys = [(r.layer, r.kind) for r in results]
+    if len(set(keys)) == n and all(r.layer is not None for r in results):
+        layers = sorted({r.layer for r in results})
+        kinds = list(dict.fromkeys(r.kind for r in results))
+        cells = [(layers.index(r.layer), kinds.index(r.kind)) for r in results]
+        nrows, ncols = len(layers), len(kinds)
+    else:
+        ncols = min(2, n)
+        nrows = math.ceil(n / ncols)
+        cells = [divmod(i, ncols) for i in range(n)]
+    k = max(r.k for r in results)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(5.0 * ncols, (0.2 * k + 1.5) * nrows),
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for res, (i, j) in zip(results, cells, strict=True):
+        ax = axes[i, j]
+        ax.set_visible(True)
+        plot_intruders(res, ax, epsilon=epsilon, max_cols=max_cols, cbar=False)
+    first = axes[cells[0][0], cells[0][1]]
+    fig.colorbar(first.images[0], ax=axes, shrink=0.8, label="|cos(y_j, x_i)|")
+    return fig
+
+
+# ----------------------------------------------------------------------------- compare
+
+_COMPARE_LABELS = {"phi": "φ", "grassmann": "Grassmann distance (rad)"}
+
+
+def plot_compare_matrix(
+    matrix: np.ndarray,
+    labels: Sequence[str],
+    ax: Axes | None = None,
+    *,
+    metric: str = "phi",
+    order: Sequence[int] | None = None,
+    title: str | None = None,
+    annotate: bool | None = None,
+    cbar: bool = True,
+    aspect: str = "equal",
+) -> Axes:
+    """Heatmap of one ``(N, N)`` comparison matrix of N adapters (``lorascope compare``).
+
+    ``metric="phi"`` draws φ on the fixed scale [0, 1] (Hu et al. 2021 §7.2, eq. 4); the
+    Grassmann distance (``"grassmann"``) runs from 0 to its maximum, reversed colours, so close
+    pairs are bright either way. ``order`` permutes rows and columns (e.g. a dendrogram's leaf
+    order); ``annotate`` (default: ``N <= 12``) writes the values into the cells.
+    """
+    M = np.asarray(matrix, dtype=float)
+    n = M.shape[0]
+    order = list(range(n)) if order is None else list(order)
+    M = M[np.ix_(order, order)]  # (N, N) in display order
+    names = [str(labels[k]) for k in order]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(0.5 * n + 2.5, 0.5 * n + 2.0))
+    if metric == "phi":
+        vmin, vmax, cmap = 0.0, 1.0, "viridis"
+    else:
+        vmin, vmax, cmap = 0.0, max(float(M.max()), 1e-12), "viridis_r"
+    im = ax.imshow(M, vmin=vmin, vmax=vmax, cmap=cmap, interpolation="nearest", aspect=aspect)
+    ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    if annotate if annotate is not None else n <= 12:
+        for a in range(n):
+            for b in range(n):
+                bright = (M[a, b] - vmin) / (vmax - vmin) > 0.6
+                bright = not bright if metric != "phi" else bright
+                ax.text(
+                    b,
+                    a,
+                    f"{M[a, b]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if bright else "white",
+                )
+    if cbar:
+        ax.figure.colorbar(im, ax=ax, shrink=0.8, label=_COMPARE_LABELS.get(metric, metric))
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def plot_compare(
+    results: Sequence[CompareResult],
+    fig: Figure | None = None,
+    *,
+    metric: str = "phi",
+    title: str | None = None,
+) -> Figure:
+    """Dendrogram over a heatmap of the module-mean comparison matrix (a clustermap).
+
+    The mean over ``results`` of φ (or of the Grassmann distance) is clustered by average
+    linkage on ``1 − φ`` (or the distance itself), see :func:`lorascope.analysis.compare.cluster`;
+    the heatmap's rows and columns follow the dendrogram's leaves. Returns the Figure (drawn into
+    ``fig`` when given).
+    """
+    from scipy.cluster.hierarchy import dendrogram
+
+    M = mean_matrix(results, metric)  # (N, N)
+    Z, order = cluster(1.0 - M if metric == "phi" else M)
+    n = M.shape[0]
+    if fig is None:
+        fig = plt.figure(figsize=(0.55 * n + 3.2, 0.55 * n + 3.0))
+    gs = fig.add_gridspec(
+        2, 2, height_ratios=[1, 4], width_ratios=[24, 1], hspace=0.03, wspace=0.05
+    )
+    ax_d = fig.add_subplot(gs[0, 0])
+    ax_h = fig.add_subplot(gs[1, 0])
+    cax = fig.add_subplot(gs[1, 1])
+    # leaves sit at x = 5, 15, ..., 10N - 5: the same columns as the heatmap's 0 .. N - 1
+    dendrogram(Z, ax=ax_d, no_labels=True, color_threshold=0, above_threshold_color="0.3")
+    ax_d.set_xlim(0, 10 * n)
+    ax_d.set_axis_off()
+    plot_compare_matrix(
+        M, results[0].labels, ax_h, metric=metric, order=order, cbar=False, aspect="auto"
+    )
+    fig.colorbar(ax_h.images[0], cax=cax, label=_COMPARE_LABELS.get(metric, metric))
+    what = f"{len(results)} modules" if len(results) > 1 else results[0].module
+    ax_d.set_title(title or f"mean {_COMPARE_LABELS.get(metric, metric)} over {what}", fontsize=9)
+    return fig
+
+
+def plot_settle(
+    results: Sequence[SettleResult],
+    ax: Axes | None = None,
+    *,
+    threshold: float | None = None,
+    legend: bool | None = None,
+) -> Axes:
+    """φ of each checkpoint's top directions to the final ones, one line per module, with the
+    threshold of the settling rule (:func:`lorascope.analysis.compare.settle`) dashed."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.2))
+    labels = results[0].labels
+    x = np.arange(len(labels))
+    # colour by layer, line style by kind: a dozen modules stay tellable apart
+    layers = sorted({r.layer for r in results if r.layer is not None})
+    kinds = list(dict.fromkeys(r.kind for r in results))
+    styles = ["-", "--", ":", "-."]
+    cmap = plt.get_cmap("viridis")
+    lows = []
+    for n, r in enumerate(results):
+        if r.layer is not None:
+            color = cmap(layers.index(r.layer) / max(len(layers) - 1, 1) * 0.9)
+        else:
+            color = f"C{n % 10}"
+        name = f"L{r.layer} {r.kind}" if r.layer is not None else r.module
+        ls = styles[kinds.index(r.kind) % len(styles)]
+        ax.plot(x, r.phi_to_final, marker="o", ms=3, lw=1, ls=ls, color=color, label=name)
+        lows.append(min(r.phi_to_final))
+    threshold = results[0].threshold if threshold is None else threshold
+    ax.axhline(threshold, ls="--", lw=1, color="0.4")
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(max(0.0, min([*lows, threshold]) - 0.05), 1.01)
+    ax.set_xlabel("checkpoint")
+    ax.set_ylabel("φ to the final checkpoint")
+    if legend if legend is not None else len(results) <= 12:
+        ax.legend(fontsize=7, ncol=2)
     return ax

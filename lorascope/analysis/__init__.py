@@ -6,6 +6,13 @@ Kernels live in :mod:`lorascope.linalg`; these functions walk adapters and retur
 with ``to_dict()`` (the CLI's JSON contract).
 """
 
+from lorascope.analysis.compare import CompareResult, SettleResult, compare, settle
+from lorascope.analysis.intruders import (
+    IntruderResult,
+    SVDCache,
+    intruders,
+    module_intruders,
+)
 from lorascope.analysis.projection import ProjectionResult, amplify, module_amplification
 from lorascope.analysis.similarity import (
     SimilarityResult,
@@ -17,6 +24,14 @@ from lorascope.analysis.similarity import (
 from lorascope.analysis.spectrum import SpectrumResult, module_spectrum, spectrum
 
 __all__ = [
+    "CompareResult",
+    "IntruderResult",
+    "SVDCache",
+    "SettleResult",
+    "compare",
+    "intruders",
+    "module_intruders",
+    "settle",
     "ProjectionResult",
     "SimilarityResult",
     "SpectrumResult",
