@@ -66,6 +66,7 @@ def _add_commands() -> None:
     from lorascope.cli.compare import compare
     from lorascope.cli.intruders import intruders
     from lorascope.cli.merge import merge
+    from lorascope.cli.rank import rank, resize
     from lorascope.cli.report import report
     from lorascope.cli.train import train
 
@@ -75,6 +76,8 @@ def _add_commands() -> None:
         similarity,
         amplify,
         weight_similarity,
+        rank,
+        resize,
         merge,
         intruders,
         compare,

@@ -48,6 +48,7 @@ def _dense_svd(m: LoraModule):
         "lorascope.linalg",
         "lorascope.analysis.compare",
         "lorascope.analysis.intruders",
+        "lorascope.analysis.rank",
     ],
 )
 def test_doctests(name):

@@ -14,6 +14,16 @@ from lorascope.analysis.intruders import (
     module_intruders,
 )
 from lorascope.analysis.projection import ProjectionResult, amplify, module_amplification
+from lorascope.analysis.rank import (
+    RankResult,
+    RankRule,
+    ResizeResult,
+    module_rank,
+    module_resize,
+    rank,
+    resize,
+    suggest_ranks,
+)
 from lorascope.analysis.similarity import (
     SimilarityResult,
     module_similarity,
@@ -33,6 +43,14 @@ __all__ = [
     "module_intruders",
     "settle",
     "ProjectionResult",
+    "RankResult",
+    "RankRule",
+    "ResizeResult",
+    "module_rank",
+    "module_resize",
+    "rank",
+    "resize",
+    "suggest_ranks",
     "SimilarityResult",
     "SpectrumResult",
     "amplify",

@@ -10,6 +10,10 @@ hdf5       lorascope's own ``.h5`` (see :mod:`lorascope.formats.hdf5`)
 plain      ``<name>.lora_A[.weight]``/``lora_B`` or bare ``lora_A``/``lora_B`` tensors
 =========  ==========================================================================
 
+Writers: :func:`save_adapter` (PEFT, kohya or ``.h5``, atomically; see
+:mod:`lorascope.formats.write`), and the lower-level :func:`write_peft_adapter`,
+:func:`write_kohya`, :func:`save_h5`.
+
 Nothing here executes code from a file: safetensors, HDF5 and ``torch.load(weights_only=True)``.
 Every failure is a ``LoraScopeError`` with a one-line message naming the file.
 """
@@ -25,12 +29,32 @@ from lorascope.errors import FormatError
 from lorascope.formats._common import read_tensors, sniff
 from lorascope.formats.base import BaseWeights, load_base
 from lorascope.formats.hdf5 import read_h5, save_h5
-from lorascope.formats.kohya import is_kohya_key, read_kohya
+from lorascope.formats.kohya import is_kohya_key, read_kohya, write_kohya
 from lorascope.formats.loralib import read_loralib
 from lorascope.formats.peft import ADAPTER_FILES, CONFIG_FILE, read_peft, write_peft_adapter
 from lorascope.formats.plain import read_plain
+from lorascope.formats.write import (
+    OUT_FORMATS,
+    check_out,
+    rank_pattern_config,
+    save_adapter,
+    save_rank_pattern,
+)
 
-__all__ = ["load_adapter", "load_base", "BaseWeights", "save_h5", "write_peft_adapter", "FORMATS"]
+__all__ = [
+    "load_adapter",
+    "load_base",
+    "BaseWeights",
+    "save_h5",
+    "write_peft_adapter",
+    "write_kohya",
+    "save_adapter",
+    "check_out",
+    "rank_pattern_config",
+    "save_rank_pattern",
+    "FORMATS",
+    "OUT_FORMATS",
+]
 
 FORMATS = ("peft", "loralib", "kohya", "hdf5", "plain")
 
