@@ -157,7 +157,7 @@ def intruders(
             "kind",
             "rank",
             *(f"intruders ε={e:g}" for e in eps),
-            "at j",
+            f"at j (ε={eps[0]:g})",
             "min max|cos|",
             "σ1(W+ΔW)/σ1(W)",
         ]
