@@ -111,3 +111,45 @@ def test_single_tensor_and_missing_and_nonfinite(tmp_path, one_line_error):
     with pytest.raises(NonFiniteError) as e:
         base.weight_for(module("b", 6, 4))
     assert "b.weight" in one_line_error(e, tmp_path / "m.safetensors")
+
+
+def test_safetensors_base_weights_are_views_of_the_file_and_counted(tmp_path):
+    """Issue 5: a base weight is read as a zero-copy view of a private map of its shard (the
+    process owns no copy of W), yet bytes_read counts exactly its bytes; the values equal
+    safe_open's."""
+    import json as _json
+    import struct
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "layers.0.q.weight": torch.randn(12, 8, generator=g).half(),
+        "layers.0.v.weight": torch.randn(12, 8, generator=g).half(),
+    }
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, path)
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = _json.loads(fh.read(n))
+    base = load_base(path)
+    mods = [LoraModule(f"layers.0.{p}", torch.zeros(1, 8), torch.zeros(12, 1), 1.0) for p in "qv"]
+    got = [base.weight_for(m) for m in mods]
+    with safe_open(str(path), "pt") as f:
+        for k, t in zip(tensors, got, strict=True):
+            torch.testing.assert_close(t, f.get_tensor(k), rtol=0, atol=0)
+    offsets = [header[k]["data_offsets"][0] for k in tensors]
+    assert got[1].data_ptr() - got[0].data_ptr() == offsets[1] - offsets[0]
+    assert base.bytes_read == 2 * 12 * 8 * 2
+
+
+def test_check_finite_finds_a_nan_past_the_first_chunk():
+    from lorascope.errors import NonFiniteError
+    from lorascope.formats._common import check_finite
+
+    t = torch.zeros((1 << 22) + 7, dtype=torch.float16)
+    check_finite(t, "f", "w")
+    t[-1] = float("nan")
+    with pytest.raises(NonFiniteError, match="1 NaN and 0 Inf"):
+        check_finite(t, "f", "w")

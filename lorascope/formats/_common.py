@@ -177,7 +177,7 @@ _ST_DTYPES = {
 }
 
 
-def _map_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """The float tensors of a safetensors file as zero-copy views of a private memory map.
 
     The bytes stay in the page cache (clean, reclaimable) instead of being copied into the
@@ -248,7 +248,7 @@ def read_tensors(path: Path, container: str | None = None) -> tuple[dict[str, to
         try:
             with f:
                 meta = dict(f.metadata() or {})
-                mapped = _map_safetensors(path)
+                mapped = map_safetensors(path)
                 tensors = {k: mapped[k] if k in mapped else f.get_tensor(k) for k in f.keys()}
                 return tensors, meta
         except Exception as e:
@@ -292,10 +292,25 @@ def parse_lora_key(key: str) -> tuple[str, str, str | None, str | None] | None:
 
 
 def check_finite(t: torch.Tensor, path: object, key: str) -> None:
-    """Raise :class:`NonFiniteError` if ``t`` holds NaN or Inf."""
-    if t.is_floating_point() and t.element_size() == 1:  # float8: isfinite is not implemented
+    """Raise :class:`NonFiniteError` if ``t`` holds NaN or Inf.
+
+    Checked ``2**22`` elements at a time, so a 12288² base weight costs a 4 MB mask, not a
+    150 MB one."""
+    if not t.is_floating_point():
+        return
+    flat = t.reshape(-1)
+    step = 1 << 22
+    for i in range(0, flat.numel(), step):
+        chunk = flat[i : i + step]
+        if chunk.element_size() == 1:  # float8: isfinite is not implemented
+            chunk = chunk.float()
+        if not bool(torch.isfinite(chunk).all()):
+            break
+    else:
+        return
+    if t.element_size() == 1:
         t = t.float()
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not bool(torch.isfinite(t).all()):
         n_nan = int(torch.isnan(t).sum())
         n_inf = int(torch.isinf(t).sum())
         raise NonFiniteError(f"{path}: {key} {shape(t)} holds {n_nan} NaN and {n_inf} Inf values")

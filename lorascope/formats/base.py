@@ -27,6 +27,7 @@ from lorascope.errors import FormatError, MissingModuleError, ShapeError
 from lorascope.formats._common import (
     TORCH_SUFFIXES,
     check_finite,
+    map_safetensors,
     one_line,
     open_safetensors,
     read_json,
@@ -137,6 +138,7 @@ class BaseWeights:
         self.entry = entry  # the file read first: weights, or the index of a sharded checkpoint
         self._key_file: dict[str, Path] = {}  # tensor key -> the file holding it
         self._torch: dict[Path, object] = {}  # mmap'ed torch files, loaded on first use
+        self._mapped: dict[Path, dict[str, torch.Tensor]] = {}  # safetensors views, on first use
         self._stems: dict[str, str] | None = None
         self._single_owner: str | None = None  # the module a single-tensor .pt was used for
         if entry.name.endswith(".index.json"):
@@ -243,8 +245,15 @@ class BaseWeights:
         file = self._key_file[key]
         try:
             if sniff(file) == "safetensors":
-                with open_safetensors(file) as f:
-                    t = f.get_tensor(key) if index is None else f.get_slice(key)[index]
+                if file not in self._mapped:  # zero-copy views of the page cache (issue 5)
+                    with open_safetensors(file):  # validates the header against the size
+                        self._mapped[file] = map_safetensors(file)
+                view = self._mapped[file].get(key)
+                if view is not None:
+                    t = view if index is None else view[index]
+                else:  # a dtype or layout the map does not cover: let safetensors copy it
+                    with open_safetensors(file) as f:
+                        t = f.get_tensor(key) if index is None else f.get_slice(key)[index]
             else:
                 obj = self._load_torch(file)
                 t = obj if isinstance(obj, torch.Tensor) else obj[key]
