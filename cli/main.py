@@ -17,7 +17,8 @@ from lorascope.errors import LoraScopeError, LoraScopeWarning
 
 
 class _Group(click.Group):
-    """Turns bad-input errors into one line on stderr and exit status 2 (bugs still raise)."""
+    """Turns bad-input errors (and a command's bad options) into one line on stderr and exit
+    status 2 (bugs still raise)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         with warnings.catch_warnings():
@@ -27,6 +28,9 @@ class _Group(click.Group):
                 return super().invoke(ctx)
             except LoraScopeError as e:
                 _fail(ctx, str(e))
+            except click.UsageError as e:  # a bad option of a command: one line too, exit 2
+                where = e.ctx.command_path if e.ctx is not None else ctx.command_path
+                _fail(ctx, f"{e.format_message()} (see '{where} --help')")
             except OSError as e:  # missing file, a directory where a file was expected, ...
                 name = e.filename if e.filename is not None else ""
                 _fail(ctx, f"{name}: {e.strerror or e}" if name else str(e))

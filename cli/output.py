@@ -72,12 +72,16 @@ def save_plot(draw: Callable[[Any], Any], path: Path) -> None:
     ``draw`` receives ``matplotlib.pyplot`` and returns the Figure (the plot functions of
     :mod:`lorascope.plot` never save); an unknown suffix is a one-line ``LoraScopeError``.
     """
+    from lorascope.errors import LoraScopeError
+
+    if path.is_dir():
+        raise LoraScopeError(f"{path}: is a directory; give a file such as {path / 'plot.png'}")
+    if not path.suffix:  # matplotlib would silently write PATH.png instead
+        raise LoraScopeError(f"{path}: no file extension; give e.g. {path}.png, .pdf or .svg")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from lorascope.errors import LoraScopeError
 
     fig = draw(plt)
     try:

@@ -200,12 +200,17 @@ class Adapter:
         ``peft``, ``loralib``, ``kohya``, ``hdf5`` or ``plain``.
     config : dict
         The adapter's own configuration as read (``adapter_config.json``, metadata, options).
+    full_weights : tuple of str
+        Tensors in the file that are not LoRA factors but whole weights (PEFT's
+        ``modules_to_save``, e.g. a trained ``lm_head`` or classifier): not part of any
+        ``ΔW``; the analyses ignore them, a merge must not.
     """
 
     modules: list[LoraModule]
     path: str
     format: str
     config: dict[str, Any] = field(default_factory=dict)
+    full_weights: tuple[str, ...] = ()
 
     def __iter__(self) -> Iterator[LoraModule]:
         return iter(self.modules)

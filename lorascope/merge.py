@@ -29,6 +29,7 @@ import logging
 import os
 import secrets
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +38,13 @@ from typing import Any
 import torch
 
 from lorascope.adapter import Adapter, LoraModule
-from lorascope.errors import FormatError, LoraScopeError, NonFiniteError, ShapeError
+from lorascope.errors import (
+    FormatError,
+    LoraScopeError,
+    LoraScopeWarning,
+    NonFiniteError,
+    ShapeError,
+)
 from lorascope.formats import load_adapter, load_base
 from lorascope.formats._common import TORCH_SUFFIXES, check_finite, one_line, read_json
 from lorascope.formats.base import BaseWeights, Placement, write_safetensors
@@ -229,6 +236,13 @@ def _refuse_partial(adapter: Adapter) -> None:
         why = f"init_lora_weights={init!r} changed the base weights too"
     elif cfg.get("lora_bias"):
         why = "it trains a LoRA bias (lora_bias=True)"
+    elif adapter.full_weights:
+        n = len(adapter.full_weights)
+        why = (
+            f"it also holds {n} whole trained weight(s) (modules_to_save, e.g. "
+            f"{adapter.full_weights[0]}), which peft's merge puts in place of the base's and "
+            "this merge does not"
+        )
     if why:
         raise FormatError(f"{adapter.path}: cannot merge: {why}; s·B A is not the whole update")
 
@@ -239,6 +253,13 @@ def _plan(base: BaseWeights, adapter: Adapter) -> dict[str, list[tuple[LoraModul
     for m in adapter:
         check_finite(m.A, m.source, m.keys[0] if m.keys else f"{m.key} A")
         check_finite(m.B, m.source, m.keys[1] if len(m.keys) > 1 else f"{m.key} B")
+        if m.scale == 0 or not bool(m.A.any()) or not bool(m.B.any()):
+            warnings.warn(
+                f"{m.source}: {m.key}: ΔW = s·B·A is exactly zero (an untrained adapter?); "
+                "its base weight is written unchanged",
+                LoraScopeWarning,
+                stacklevel=2,
+            )
         p = base.locate(m)
         groups.setdefault(p.key, []).append((m, p))
     for key, placed in groups.items():

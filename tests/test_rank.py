@@ -539,20 +539,26 @@ def test_rank_pattern_keys_match_only_their_module():
     assert "v" not in cfg["rank_pattern"]  # "v" would also match "model.layers.1.v"
 
 
-def test_suggest_ranks_takes_the_largest_part_of_a_fused_module(tmp_path, tiny_gpt2):
+def test_suggest_ranks_refuses_a_part_of_a_fused_module(tmp_path, tiny_gpt2):
+    """PEFT's rank_pattern sizes the whole fused c_attn; its q part's k is not that module's k,
+    so no suggestion is made from parts, while the whole module gives one."""
     pm = get_peft_model(
         tiny_gpt2, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False)
     )
     pm.save_pretrained(tmp_path / "g")
     ad = load_adapter(tmp_path / "g")
-    parts = rank(ad, RankRule("energy", 0.6), module="q") + rank(
-        ad, RankRule("energy", 0.6), module="v"
-    )
-    got = suggest_ranks(parts)
+    rule = RankRule("energy", 0.9)
+    parts = rank(ad, rule, module="q")
+    whole = rank(ad, rule)
+    with pytest.raises(LoraScopeError, match=r"whole fused module .*c_attn"):
+        suggest_ranks(parts)
+    got = suggest_ranks(whole)
+    assert got == {r.module: (r.new_rank, float(r.new_alpha)) for r in whole}
     assert sorted(got) == sorted(m.name for m in ad)
-    for name, (k, alpha) in got.items():
-        ks = [r.new_rank for r in parts if r.module.startswith(name + "[")]
-        assert len(ks) == 2 and k == max(ks) and alpha == 2.0 * k
+    out = CliRunner().invoke(
+        main, ["rank", str(tmp_path / "g"), "--module", "q", "--pattern-out", str(tmp_path / "p")]
+    )
+    assert out.exit_code == 2 and not (tmp_path / "p").exists()
 
 
 # ----------------------------------------------------------------------------- CLI

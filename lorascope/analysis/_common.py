@@ -146,9 +146,15 @@ def _check_singular_values(
     if not bool(torch.isfinite(S).all()):
         raise NonFiniteError(f"{module.tensor_name()}: ΔW has non-finite singular values")
     if S.numel() == 0 or float(S[0]) == 0.0:
+        if module.scale != 0 and bool(A.any()) and bool(B.any()):  # tiny, not zero
+            raise ZeroUpdateError(
+                f"{module.tensor_name()}: the singular values of ΔW = s·B·A underflow to 0 in "
+                f"{str(S.dtype).removeprefix('torch.')} (‖A‖={float(A.double().norm()):.3g}, "
+                f"‖B‖={float(B.double().norm()):.3g}); analyse in float64"
+            )
         raise ZeroUpdateError(
             f"{module.tensor_name()}: ΔW = s·B·A is exactly zero "
-            f"(‖A‖={float(A.float().norm()):.3g}, ‖B‖={float(B.float().norm()):.3g}; "
+            f"(‖A‖={float(A.double().norm()):.3g}, ‖B‖={float(B.double().norm()):.3g}; "
             "an untrained adapter?) — nothing to analyse"
         )
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -182,15 +183,20 @@ def _top_left_iterative(
         out[:p] += S.reshape((p,) + (1,) * (y.ndim - 1)) * y[:p]
         return out
 
+    def dense() -> tuple[np.ndarray, np.ndarray]:
+        K = mm(np.eye(shape[1]))  # (p + rb, p + ra)
+        u, s, _ = np.linalg.svd(K, full_matrices=False)
+        return u[:, :k], s[:k]
+
+    if k >= min(shape):  # ARPACK needs k < min(shape): K is small enough to decompose whole
+        return dense()
     op = LinearOperator(shape, matvec=mm, rmatvec=rmm, matmat=mm, rmatmat=rmm, dtype=np.float64)
     v0 = np.random.default_rng(seed).standard_normal(min(shape))
     try:
         u, s, _ = svds(op, k=k, tol=tol, v0=v0, solver="arpack")
     except ArpackNoConvergence:
         log.warning("ARPACK did not converge (k=%d, shape=%s); dense SVD of K instead", k, shape)
-        K = mm(np.eye(shape[1]))  # (p + rb, p + ra)
-        u, s, _ = np.linalg.svd(K, full_matrices=False)
-        return u[:, :k], s[:k]
+        return dense()
     order = np.argsort(s)[::-1]
     return u[:, order], s[order]
 
@@ -267,6 +273,8 @@ def intruder_similarity(
         )
     if k < 1:
         raise LoraScopeError(f"k must be at least 1, got {k}")
+    if not (math.isfinite(tol) and tol >= 0):
+        raise LoraScopeError(f"tol must be a finite number >= 0, got {tol}")
     if side not in ("left", "right"):
         raise LoraScopeError(f"side must be 'left' or 'right', got {side!r}")
     if method not in ("auto", "exact", "iterative"):

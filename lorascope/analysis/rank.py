@@ -245,6 +245,8 @@ def _result(
 ) -> RankResult:
     """The :class:`RankResult` (or ``cls``) of ``module`` with singular values ``S`` (``(n,)``)."""
     rcond = default_rcond(module.shape) if rcond is None else rcond
+    if not (math.isfinite(rcond) and rcond >= 0):
+        raise LoraScopeError(f"rcond must be a finite number >= 0, got {rcond}")
     k = select_rank(S, rule, rcond=rcond)
     sq, nuc = _tails(S**2), _tails(S)  # (n + 1,): Σ_{i>j} σ_i², Σ_{i>j} σ_i
     width = module.d_out + module.d_in
@@ -284,15 +286,21 @@ def suggest_ranks(results: Sequence[RankResult]) -> dict[str, tuple[int, float]]
     """``{module name: (k, alpha_k)}`` from :func:`rank` results, for a PEFT ``rank_pattern``.
 
     ``alpha_k`` is the result's ``new_alpha``: the alpha that keeps the module's scale at the
-    new rank (``|s|·k``; rsLoRA ``|s|·sqrt(k)``). The parts of a fused projection (keys
-    ``name[q]``, ...) share ``A``, so their module gets the largest ``k`` of its parts.
+    new rank (``|s|·k``; rsLoRA ``|s|·sqrt(k)``).
+
+    Raises :class:`LoraScopeError` for a part of a fused projection (key ``name[q]``): PEFT's
+    pattern sizes the whole fused module, whose rank a part's spectrum does not give (the
+    whole ``[ΔW_q; ΔW_k; ΔW_v]`` can need more directions than any part).
     """
     out: dict[str, tuple[int, float]] = {}
     for r in results:
         m = _PART_KEY.match(r.module)
-        name = m["name"] if m else r.module
-        if name not in out or r.new_rank > out[name][0]:
-            out[name] = (r.new_rank, float(r.new_alpha))
+        if m:
+            raise LoraScopeError(
+                f"{r.module}: a rank_pattern sizes the whole fused module {m['name']}, not its "
+                f"{m['part']} part; rank it without splitting it (no --module q/k/v)"
+            )
+        out[r.module] = (r.new_rank, float(r.new_alpha))
     return out
 
 
@@ -336,7 +344,7 @@ def module_rank(
     ZeroUpdateError
         ``ΔW = 0``; ``NonFiniteError`` for non-finite singular values.
     """
-    S = module_svdvals(module, dtype=dtype, device=device).cpu().numpy()  # (k,)
+    S = module_svdvals(module, dtype=dtype, device=device).cpu().double().numpy()  # (k,), f64 sums
     return _result(module, S, rule, rcond, rslora=rslora)
 
 
@@ -430,7 +438,7 @@ def module_resize(
     if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
         raise LoraScopeError(f"{module.tensor_name()}: new alpha={alpha!r} must be positive")
     svd = module_svd(module, dtype=dtype, device=device)  # U (out, n), S (n,), V (in, n)
-    S = svd.S.cpu().numpy()
+    S = svd.S.cpu().double().numpy()  # sums of σ² in float64 even for --dtype float32
     res = _result(module, S, rule, rcond, rslora=rslora, new_alpha=alpha, cls=ResizeResult)
     k, new_scale = res.new_rank, res.new_scale
     half = torch.sqrt(svd.S[:k] / new_scale)  # (k,)

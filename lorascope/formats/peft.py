@@ -18,6 +18,7 @@ is normalized to ``A' = lora_embedding_B.T``, ``B' = lora_embedding_A.T``. Conv 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -117,8 +118,13 @@ def _number(config: dict, field: str, default: float, source: Path, positive: bo
     value = config.get(field, default)
     if value is None:
         value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
-        raise FormatError(f"{source}: {field}={value!r} is not a positive number")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or (positive and value <= 0)
+    ):
+        raise FormatError(f"{source}: {field}={value!r} is not a positive finite number")
     return value
 
 
@@ -127,8 +133,8 @@ def read_pattern(config: dict, field: str, source: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise FormatError(f"{source}: {field} should be a JSON object, got {type(value).__name__}")
     for key, v in value.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise FormatError(f"{source}: {field}[{key!r}]={v!r} is not a positive number")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise FormatError(f"{source}: {field}[{key!r}]={v!r} is not a positive finite number")
     return value
 
 
@@ -229,7 +235,9 @@ def read_peft(
     if not modules:
         some = ", ".join(list(tensors)[:3]) or "none"
         raise FormatError(f"{weights}: no lora_A/lora_B tensors found (keys: {some})")
-    return Adapter(modules=modules, path=str(path), format="peft", config=config)
+    return Adapter(
+        modules=modules, path=str(path), format="peft", config=config, full_weights=tuple(others)
+    )
 
 
 def _module(
