@@ -96,7 +96,7 @@ def _tensors(out: Path) -> dict[str, torch.Tensor]:
 def _assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=atol, msg=k)
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_lora_run_writes_adapter_config_metrics_checkpoints(task, tmp_path):
@@ -167,7 +167,18 @@ def test_ddp_two_processes_equals_one_process(task, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
-    _assert_same(_tensors(tmp_path / "single"), _tensors(tmp_path / "ddp"), atol=1e-6)
+    a, b = _tensors(tmp_path / "single"), _tensors(tmp_path / "ddp")
+    assert a.keys() == b.keys()
+    # The gradients agree to float32 rounding (the 8 rows are summed in another order), but
+    # Adam divides each gradient by its own magnitude: an element whose gradient is at the
+    # rounding level may step the other way, by at most ~2·lr per step. So: all but a few
+    # elements equal to 1e-6, and none off by more than Adam can move it. A broken DDP (no
+    # gradient averaging, both ranks on the same rows) changes most elements.
+    bound = 2 * single.lr * single.max_steps
+    for k in a:
+        diff = (a[k].double() - b[k].double()).abs()
+        assert float(diff.max()) <= bound, k
+        assert float((diff > 1e-6).double().mean()) <= 0.01, (k, float(diff.max()))
 
 
 def test_config_toml_overrides_and_errors(tmp_path):
