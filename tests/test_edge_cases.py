@@ -169,3 +169,13 @@ def test_merge_warns_about_an_all_zero_update(tmp_path, tiny_llama):
     assert res.exit_code == 0, res.output
     assert "exactly zero" in res.stderr and res.stderr.startswith("warning:")
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("alpha", [float("inf"), float("nan"), 0, None])
+def test_plain_file_beside_a_bad_config_alpha_is_refused(tmp_path, alpha):
+    """A plain factors file takes lora_alpha from a sibling adapter_config.json, checked by the
+    same rule as PEFT's reader (Infinity used to pass as 'positive')."""
+    path = _plain(tmp_path / "factors.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"lora_alpha": alpha}))
+    with pytest.raises(FormatError, match=r"adapter_config.json: lora_alpha=.* positive finite"):
+        load_adapter(path, fmt="plain")

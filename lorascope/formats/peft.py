@@ -114,7 +114,11 @@ def _resolve(path: Path) -> tuple[Path, Path]:
     return weights, config
 
 
-def _number(config: dict, field: str, default: float, source: Path, positive: bool = True) -> float:
+def config_number(
+    config: dict, field: str, default: float | None, source: Path, positive: bool = True
+) -> float:
+    """``config[field]`` (``default`` when absent or null), refused unless a finite (positive)
+    number, with a one-line :class:`FormatError` naming ``source``."""
     value = config.get(field, default)
     if value is None:
         value = default
@@ -166,8 +170,8 @@ def read_peft(
         raise FormatError(
             f"{config_path}: peft_type {peft_type} is not LoRA (its update is not s·B A)"
         )
-    r_default = int(_number(config, "r", 8, config_path))
-    alpha_default = _number(config, "lora_alpha", 8, config_path)
+    r_default = int(config_number(config, "r", 8, config_path))
+    alpha_default = config_number(config, "lora_alpha", 8, config_path)
     rank_pattern = read_pattern(config, "rank_pattern", config_path)
     alpha_pattern = read_pattern(config, "alpha_pattern", config_path)
     use_rslora = bool(config.get("use_rslora", False))

@@ -18,7 +18,7 @@ from lorascope.adapter import Adapter
 from lorascope.errors import FormatError
 from lorascope.formats._common import read_json, read_tensors, scale_for, warn
 from lorascope.formats.loralib import AlphaRule, group_pairs, modules_from_pairs
-from lorascope.formats.peft import CONFIG_FILE, pattern_key, read_pattern
+from lorascope.formats.peft import CONFIG_FILE, config_number, pattern_key, read_pattern
 
 __all__ = ["read_plain"]
 
@@ -30,18 +30,16 @@ def _alpha_rule(path: Path, alpha: float | None) -> tuple[AlphaRule, dict]:
     config_path = path.parent / CONFIG_FILE
     if config_path.is_file():
         cfg = read_json(config_path)
-        base = cfg.get("lora_alpha")
-        if isinstance(base, (int, float)) and not isinstance(base, bool) and base > 0:
-            patterns = read_pattern(cfg, "alpha_pattern", config_path)
-            rslora = bool(cfg.get("use_rslora", False))
+        base = config_number(cfg, "lora_alpha", None, config_path)
+        patterns = read_pattern(cfg, "alpha_pattern", config_path)
+        rslora = bool(cfg.get("use_rslora", False))
 
-            def rule(name: str, r: int) -> tuple[float, float]:
-                key = pattern_key(patterns, name, config_path)
-                a = float(patterns[key]) if key is not None else float(base)
-                return a, scale_for(a, r, rslora)
+        def rule(name: str, r: int) -> tuple[float, float]:
+            key = pattern_key(patterns, name, config_path)
+            a = float(patterns[key]) if key is not None else float(base)
+            return a, scale_for(a, r, rslora)
 
-            return rule, cfg
-        raise FormatError(f"{config_path}: lora_alpha={base!r} is not a positive number")
+        return rule, cfg
     warn(path, "no alpha given or stored: assuming alpha = r (scale 1); pass alpha (CLI: --alpha)")
     return (lambda _n, r: (float(r), 1.0)), {}
 
