@@ -62,7 +62,9 @@ def selection_options(f: Callable) -> Callable:
     return click.option("--layer", type=int, help="Only this block index (e.g. 48).")(f)
 
 
-def compute_options(f: Callable) -> Callable:
+def precision_options(f: Callable) -> Callable:
+    """``--dtype`` and ``--device`` of the linear algebra, passed on as torch objects."""
+
     @click.option(
         "--dtype",
         type=click.Choice(list(_DTYPES)),
@@ -71,12 +73,17 @@ def compute_options(f: Callable) -> Callable:
         help="Analysis precision (factors are upcast).",
     )
     @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
-    @click.option("--seed", type=int, default=0, show_default=True, help="Random baselines.")
     @functools.wraps(f)
     def wrapper(*args, dtype, device, **kwargs):
         return f(*args, dtype=_DTYPES[dtype], device=torch.device(device), **kwargs)
 
     return wrapper
+
+
+def compute_options(f: Callable) -> Callable:
+    """:func:`precision_options` and the ``--seed`` of the random baselines / start vectors."""
+    f = click.option("--seed", type=int, default=0, show_default=True, help="Random baselines.")(f)
+    return precision_options(f)
 
 
 def output_options(f: Callable) -> Callable:

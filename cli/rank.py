@@ -15,11 +15,15 @@ import torch
 from lorascope.analysis.rank import ENERGY_LADDER, RankResult, RankRule, suggest_ranks
 from lorascope.analysis.rank import rank as rank_api
 from lorascope.analysis.rank import resize as resize_api
-from lorascope.cli.options import output_options, reading_options, selection_options
+from lorascope.cli.options import (
+    output_options,
+    precision_options,
+    reading_options,
+    selection_options,
+)
 from lorascope.cli.output import print_csv, print_json, print_table
 from lorascope.formats import OUT_FORMATS, check_out, save_adapter, save_rank_pattern
 
-_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _SAVE_DTYPES = {
     "same": None,
     "float64": torch.float64,
@@ -74,21 +78,9 @@ def _rule_options(default: RankRule | None) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def _compute_options(f: Callable) -> Callable:
-    @click.option(
-        "--dtype",
-        type=click.Choice(list(_DTYPES)),
-        default="float64",
-        show_default=True,
-        help="Precision of the SVD (factors are upcast).",
-    )
-    @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
-    @click.option("--rcond", type=float, help="Relative cut-off below which σ_i counts as zero.")
-    @functools.wraps(f)
-    def wrapper(*args, dtype, device, **kwargs):
-        return f(*args, dtype=_DTYPES[dtype], device=torch.device(device), **kwargs)
-
-    return wrapper
+_rcond_option = click.option(
+    "--rcond", type=float, help="Relative cut-off below which σ_i counts as zero."
+)
 
 
 _COLUMNS = ["module", "layer", "kind", "rank"]
@@ -148,7 +140,8 @@ def _params_line(results: list[RankResult]) -> str:
     help="Write the suggested PEFT r, lora_alpha, rank_pattern, alpha_pattern (and "
     "target_modules, use_rslora) as JSON; alpha keeps each module's scale (alpha_k = s·k).",
 )
-@_compute_options
+@precision_options
+@_rcond_option
 @output_options
 def rank(adapter: Path, read, layer, module, rule, pattern_out, dtype, device, rcond, out) -> None:
     """How many singular directions each ΔW = (alpha/r)·B A needs (paper §7.2), and what
@@ -219,7 +212,8 @@ def rank(adapter: Path, read, layer, module, rule, pattern_out, dtype, device, r
     help="dtype of the written factors ('same': as read).",
 )
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never the input).")
-@_compute_options
+@precision_options
+@_rcond_option
 @output_options
 def resize(
     adapter: Path,
