@@ -11,7 +11,7 @@ import click
 import torch
 
 from lorascope.adapter import FUSED_PARTS
-from lorascope.formats import load_adapter
+from lorascope.formats import FORMATS, load_adapter
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -40,7 +40,7 @@ def reading_options(f: Callable) -> Callable:
     @click.option(
         "--format",
         "fmt",
-        type=click.Choice(["peft", "loralib", "kohya", "hdf5", "plain"]),
+        type=click.Choice(list(FORMATS)),
         help="Skip format detection.",
     )
     @functools.wraps(f)

@@ -18,11 +18,33 @@ import torch
 
 from lorascope.errors import MissingModuleError, ShapeError
 
-__all__ = ["LoraModule", "Adapter", "parse_layer", "parse_kind", "FUSED_PARTS"]
+__all__ = [
+    "LoraModule",
+    "Magnitude",
+    "Adapter",
+    "parse_layer",
+    "parse_kind",
+    "FUSED_PARTS",
+    "FAMILIES",
+    "UPDATES",
+]
 
 # The parts of a fused projection, in the order their rows are stacked (GPT-2 c_attn,
 # GPT-NeoX query_key_value, Phi/Falcon-style Wqkv, loralib MergedLinear).
 FUSED_PARTS = ("q", "k", "v")
+
+# Update families, each normalized on load to the exact factored form ΔW = s·B' A' (see
+# lorascope.families for the kernels): the additive ones are the whole update; "dora" is LoRA
+# whose merged weight is rescaled by a learned magnitude (see Magnitude).
+FAMILIES = ("lora", "dora", "adalora", "vera", "loha", "lokr")
+
+# What a module's factored form ``s·B A`` stands for, named in every result's ``update`` field:
+#   full         the whole update ΔW (every additive family);
+#   dora-direction  DoRA read without its base: only the rank-r part s·B A, before the
+#                magnitude rescaling (the true ΔW = diag(g − 1)·W + diag(g)·s·B A needs W);
+#   dora-rank-r  DoRA with its base: the rank-r part diag(g)·s·B A of the true update exactly
+#                (the rest, diag(g − 1)·W, is a rescaling of W's rows).
+UPDATES = ("full", "dora-direction", "dora-rank-r")
 
 # Module kinds by the last name component(s). Keys are regular expressions matched against the
 # tail of the dotted (or, for kohya, underscored) module name; first match wins.
@@ -32,26 +54,33 @@ _KIND_RULES: tuple[tuple[str, str], ...] = (
     # attention output (before the generic MLP "output.dense" rule)
     (r"attention[._]output[._]dense", "o"),
     (r"(attn|attention)[._](c_proj|dense|out_proj)", "o"),
-    (r"(o_proj|out_proj|to_out[._]0|to_out|wo|out_lin|o)", "o"),
-    (r"(query|q_proj|q_lin|to_q|wq|q)", "q"),
-    (r"(key|k_proj|k_lin|to_k|wk|k)", "k"),
-    (r"(value|v_proj|v_lin|to_v|wv|v)", "v"),
+    (r"(o_proj|out_proj|output_proj|to_out[._]0|to_out|wo|out_lin|attn_output|o)", "o"),
+    (r"(query|q_proj|q_lin|to_q|wq|attn_q|q)", "q"),
+    (r"(key|k_proj|k_lin|to_k|wk|attn_k|k)", "k"),
+    (r"(value|v_proj|v_lin|to_v|wv|attn_v|v)", "v"),
     # MLP: gate / up (into the wide hidden) / down (back to d_model)
-    (r"(gate_proj|w1|gate)", "gate"),
+    (r"(gate_proj|w1|gate|ffn_gate)", "gate"),
     (
-        r"(intermediate[._]dense|up_proj|c_fc|fc1|lin1|dense_h_to_4h|w3|ff[._]net[._]0[._]proj)",
+        r"(intermediate[._]dense|up_proj|c_fc|fc1|lin1|dense_h_to_4h|w3|ff[._]net[._]0[._]proj"
+        r"|ffn_up)",
         "up",
     ),
-    (r"(output[._]dense|down_proj|mlp[._]c_proj|fc2|lin2|dense_4h_to_h|w2|ff[._]net[._]2)", "down"),
-    (r"(embed_tokens|wte|word_embeddings|embeddings|embed|shared)", "embed"),
+    (
+        r"(output[._]dense|down_proj|mlp[._]c_proj|fc2|lin2|dense_4h_to_h|w2|ff[._]net[._]2"
+        r"|ffn_down)",
+        "down",
+    ),
+    (r"(embed_tokens|wte|word_embeddings|embeddings|embed|shared|token_embd)", "embed"),
 )
 _KIND_RES = tuple(
     (re.compile(rf"(?:^|[._]){pat}$", re.IGNORECASE), kind) for pat, kind in _KIND_RULES
 )
 
-# Containers whose next component is the block index: h.3, layer.3, layers.3, blocks.3, block.3.
+# Containers whose next component is the block index: h.3, layer.3, layers.3, blocks.3, block.3,
+# blk.3 (llama.cpp), double_blocks.3 / single_blocks.3 (Flux).
 _LAYER_RE = re.compile(
-    r"(?:^|[._])(?:h|layer|layers|blocks|block|transformer_blocks)[._](\d+)(?:[._]|$)"
+    r"(?:^|[._])(?:h|layer|layers|blocks|block|blk|transformer_blocks|single_transformer_blocks"
+    r"|double_blocks|single_blocks)[._](\d+)(?:[._]|$)"
 )
 _ANY_INT_RE = re.compile(r"(?:^|[._])(\d+)(?:[._]|$)")
 
@@ -81,8 +110,39 @@ def parse_kind(name: str) -> str:
 
 
 @dataclass(frozen=True, eq=False)
+class Magnitude:
+    """DoRA's learned magnitude (Liu et al. 2024): the merged weight is rescaled by ``g``.
+
+    ``axis="out"`` (PEFT Linear/Conv, LyCORIS ``wd_on_out=True``, mlx, diffusers): one norm per
+    output row, ``W' = diag(g)·(W + ΔW_lr)`` with ``g = m / ‖(W + ΔW_lr)[i, :]‖``.
+    ``axis="in"`` (PEFT Embedding, LyCORIS ``wd_on_out=False``): one norm per input column (per
+    group of ``d_in / len(m)`` consecutive columns: a conv input channel's kernel), and
+    ``W' = (W + ΔW_lr)·diag(g)``. The true update is then ``ΔW = W' − W``: a rescaling of ``W``
+    plus the factored part scaled by ``g`` (see :mod:`lorascope.update`).
+
+    Attributes
+    ----------
+    m : torch.Tensor
+        ``(d_out,)`` for ``axis="out"``, ``(n_groups,)`` for ``axis="in"``; dtype as stored.
+    axis : {"out", "in"}
+    key : str
+        Its tensor name in the file.
+    """
+
+    m: torch.Tensor
+    axis: str = "out"
+    key: str = ""
+
+
+@dataclass(frozen=True, eq=False)
 class LoraModule:
-    """One adapted weight: ``ΔW = scale · B @ A`` of shape ``(d_out, d_in)``.
+    """One adapted weight: its update in the exact factored form ``ΔW = scale · B @ A``.
+
+    Every family is normalized to this on load (:mod:`lorascope.families`): LoRA's own factors;
+    AdaLoRA ``B, (E ⊙ A)``; VeRA ``diag(λ_b)·B_s, diag(λ_d)·A_s``; LoHa's face-splitting and
+    Khatri–Rao products (width ``r1·r2``); LoKr's Kronecker products of its factors. So the
+    analyses need no special case: ``rank`` is the width ``k`` of that form (a bound on the rank
+    of ΔW), ``nominal_rank`` the ``r`` the user chose.
 
     Attributes
     ----------
@@ -90,11 +150,11 @@ class LoraModule:
         Module path as in the model, without PEFT's ``base_model.model.`` prefix
         (e.g. ``transformer.h.0.attn.c_attn``).
     A : torch.Tensor
-        ``(r, d_in)`` down-projection, dtype as stored.
+        ``(k, d_in)`` right factor, dtype as stored (or as the family's product came out).
     B : torch.Tensor
-        ``(d_out, r)`` up-projection, dtype as stored.
+        ``(d_out, k)`` left factor.
     scale : float
-        ``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``), already resolved per module.
+        ``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``; the family's own rule), resolved per module.
     alpha : float | None
         The alpha the scale came from, when the file or options gave one.
     part : str | None
@@ -108,6 +168,17 @@ class LoraModule:
         Block index and projection kind (see :func:`parse_layer`, :func:`parse_kind`).
     source : str
         The file the factors came from; keys: the tensor names in it.
+    family : str
+        One of :data:`FAMILIES`.
+    nominal_rank : int | None
+        The rank the adapter was configured with (LoHa ``r``, not ``r²``); None: ``rank``.
+    n_params : int | None
+        Trainable parameters the file stores for this module; None: ``A`` and ``B``'s sizes.
+    magnitude : Magnitude | None
+        DoRA's magnitude vector (then ``s·B A`` is not the whole update).
+    update : str
+        What ``s·B A`` stands for (:data:`UPDATES`): ``"full"``, or for DoRA
+        ``"dora-direction"`` (no base) / ``"dora-rank-r"`` (``diag(g)`` folded in from the base).
     """
 
     name: str
@@ -122,6 +193,11 @@ class LoraModule:
     kind: str = "other"
     source: str = ""
     keys: tuple[str, ...] = ()
+    family: str = "lora"
+    nominal_rank: int | None = None
+    n_params: int | None = None
+    magnitude: Magnitude | None = None
+    update: str = "full"
 
     def __post_init__(self) -> None:
         if self.A.ndim != 2 or self.B.ndim != 2 or self.A.shape[0] != self.B.shape[1]:
@@ -138,6 +214,22 @@ class LoraModule:
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
+
+    @property
+    def r(self) -> int:
+        """The configured rank: ``nominal_rank``, else the width of the factored form."""
+        return self.nominal_rank if self.nominal_rank is not None else self.rank
+
+    @property
+    def params(self) -> int:
+        """Trainable parameters of this module as stored (``n_params``, else ``|A| + |B|``)."""
+        if self.n_params is not None:
+            return self.n_params
+        return int(self.A.numel() + self.B.numel())
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
 
     @property
     def d_in(self) -> int:
@@ -158,8 +250,9 @@ class LoraModule:
         return f"{self.source}: {keys}"
 
     def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """Dense ``ΔW = scale · B @ A``, ``(d_out, d_in)``. For tests and small modules only:
-        the analyses work from the factors and never call this."""
+        """Dense ``scale · B @ A``, ``(d_out, d_in)``: the whole ΔW unless ``update`` says
+        otherwise (DoRA: :func:`lorascope.update.delta_weight` with the base). For tests and
+        small modules only: the analyses work from the factors and never call this."""
         return self.scale * (self.B.to(dtype) @ self.A.to(dtype))  # (out, r) @ (r, in)
 
     def split(self, n_parts: int = 3) -> list[LoraModule]:
@@ -175,6 +268,12 @@ class LoraModule:
                 f"{n_parts} parts"
             )
         d = self.d_out // n_parts
+        mag = self.magnitude
+        if mag is not None and mag.axis != "out":
+            raise ShapeError(
+                f"{self.tensor_name()}: a DoRA magnitude over input columns couples the fused "
+                "parts; analyse the whole module"
+            )
         return [
             replace(
                 self,
@@ -182,6 +281,8 @@ class LoraModule:
                 part=FUSED_PARTS[p],
                 kind=FUSED_PARTS[p],
                 rows=(p * d, (p + 1) * d),
+                magnitude=None if mag is None else replace(mag, m=mag.m[p * d : (p + 1) * d]),
+                n_params=None,
             )
             for p in range(n_parts)
         ]
@@ -197,7 +298,9 @@ class Adapter:
     path : str
         The file or directory read.
     format : str
-        ``peft``, ``loralib``, ``kohya``, ``hdf5`` or ``plain``.
+        The file layout (:data:`lorascope.formats.FORMATS`): ``peft``, ``diffusers``, ``kohya``
+        (sd-scripts and LyCORIS), ``loralib``, ``plain``, ``hdf5``, ``gguf``, ``mlx`` or
+        ``torchtune``; the update family is each module's ``family``.
     config : dict
         The adapter's own configuration as read (``adapter_config.json``, metadata, options).
     full_weights : tuple of str
@@ -223,6 +326,11 @@ class Adapter:
             if m.key == key or m.name == key:
                 return m
         raise MissingModuleError(f"{self.path}: no module named {key!r}")
+
+    @property
+    def families(self) -> list[str]:
+        """The update families of the modules, in first-seen order."""
+        return list(dict.fromkeys(m.family for m in self.modules))
 
     @property
     def layers(self) -> list[int]:

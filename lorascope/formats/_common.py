@@ -18,6 +18,8 @@ import struct
 import sys
 import warnings
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,9 @@ from lorascope.errors import (
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 HDF5_SUFFIXES = (".h5", ".hdf5")
+GGUF_SUFFIXES = (".gguf",)
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_GGUF_MAGIC = b"GGUF"
 # Globals a plain tensor checkpoint may name; anything else in a refused pickle is "unsafe".
 _SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set")
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
@@ -72,7 +76,8 @@ def shape(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def sniff(path: Path) -> str:
-    """File container: ``safetensors``, ``torch``, ``hdf5`` or ``unknown`` (suffix, then bytes)."""
+    """File container: ``safetensors``, ``torch``, ``hdf5``, ``gguf`` or ``unknown`` (suffix,
+    then bytes)."""
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return "safetensors"
@@ -80,6 +85,8 @@ def sniff(path: Path) -> str:
         return "hdf5"
     if suffix in TORCH_SUFFIXES:
         return "torch"
+    if suffix in GGUF_SUFFIXES:
+        return "gguf"
     try:
         with open(path, "rb") as f:
             head = f.read(9)
@@ -87,6 +94,8 @@ def sniff(path: Path) -> str:
         raise FormatError(f"{path}: cannot read: {one_line(e)}") from None
     if head.startswith(_HDF5_MAGIC[:8]):
         return "hdf5"
+    if head.startswith(_GGUF_MAGIC):
+        return "gguf"
     if head[:2] == b"PK" or head[:1] == b"\x80":
         return "torch"
     if len(head) == 9 and head[8:9] == b"{":
@@ -256,6 +265,89 @@ def read_tensors(path: Path, container: str | None = None) -> tuple[dict[str, to
     if container == "torch":
         return _flatten_state_dict(torch_load(path), path), {}
     raise FormatError(f"{path}: unknown file format (expected .safetensors, .pt/.bin, or .h5)")
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """What the caller says about an adapter that its file may not (one object for every reader).
+
+    Attributes
+    ----------
+    alpha : float, optional
+        ``lora_alpha`` for layouts that do not store it; an override for those that do.
+    enable_lora : tuple of bool, optional
+        loralib ``MergedLinear``: which fused blocks carry LoRA.
+    fan_in_fan_out : bool, optional
+        Orientation of the *base* weights (True: stored ``(d_in, d_out)``).
+    parts : tuple of str, optional
+        Names of a fused projection's blocks, in order.
+    """
+
+    alpha: float | None = None
+    enable_lora: tuple[bool, ...] | None = None
+    fan_in_fan_out: bool | None = None
+    parts: tuple[str, ...] | None = None
+
+
+@dataclass
+class Probe:
+    """What layout detection looks at: the path, its container, and (read once, on demand) the
+    tensors and safetensors metadata of a single file.
+
+    Attributes
+    ----------
+    path : Path
+        As given: a file or a directory.
+    container : str
+        ``dir``, ``safetensors``, ``torch``, ``hdf5``, ``gguf`` or ``unknown``.
+    """
+
+    path: Path
+    container: str
+    _loaded: tuple[dict[str, torch.Tensor], dict] | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, path: Path) -> Probe:
+        """Check that ``path`` is an existing directory or non-empty regular file."""
+        try:
+            if path.is_dir():
+                return cls(path, "dir")
+            if not path.exists():
+                raise FormatError(f"{path}: no such file or directory")
+            if not path.is_file():
+                raise FormatError(f"{path}: not a regular file")
+            if path.stat().st_size == 0:
+                raise FormatError(f"{path}: empty file")
+        except OSError as e:
+            raise FormatError(f"{path}: cannot read: {one_line(e)}") from None
+        return cls(path, sniff(path))
+
+    def tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The file's tensors and metadata (:func:`read_tensors`), read at most once."""
+        if self._loaded is None:
+            if self.container not in ("safetensors", "torch", "unknown"):
+                raise FormatError(f"{self.path}: a {self.container} file holds no tensor dict")
+            self._loaded = read_tensors(
+                self.path, self.container if self.container != "unknown" else None
+            )
+        return self._loaded
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.tensors()[0])
+
+    @property
+    def metadata(self) -> dict:
+        return self.tensors()[1]
+
+    def sibling(self, name: str) -> Path:
+        """``name`` in the directory (or beside the file) that was given."""
+        return (self.path if self.container == "dir" else self.path.parent) / name
+
+
+# A layout's reader: (probe, options) -> Adapter; its detector: probe -> claims it or not.
+Reader = Callable[[Probe, ReadOptions], Any]
+Detector = Callable[[Probe], bool]
 
 
 def read_json(path: Path) -> dict:

@@ -180,3 +180,11 @@ def _module(g: h5py.Group, label: str, path: Path) -> LoraModule:
     )
     layer = _attr(g, "layer")
     return replace(m, layer=None if layer is None else int(layer))
+
+
+LAYOUT = (
+    "hdf5",
+    lambda probe: probe.container == "hdf5",
+    lambda probe, options: read_h5(probe.path),
+    "lorascope's own .h5: the normalized modules, exactly",
+)

@@ -27,6 +27,8 @@ from safetensors.torch import save_file
 from lorascope.adapter import Adapter, LoraModule
 from lorascope.errors import FormatError, ShapeError
 from lorascope.formats._common import (
+    Probe,
+    ReadOptions,
     check_finite,
     make_module,
     missing_partner,
@@ -316,3 +318,26 @@ def _factor_keys(m: LoraModule, path: Path) -> tuple[str, str]:
             "e.g. lora_unet_..._to_q); write PEFT or a .h5 file instead"
         )
     return f"{m.name}.lora_down.weight", f"{m.name}.lora_up.weight"
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _claims(probe: Probe) -> bool:
+    return probe.container in ("safetensors", "torch", "unknown") and any(
+        is_kohya_key(k) for k in probe.keys
+    )
+
+
+def _read(probe: Probe, options: ReadOptions) -> Adapter:
+    tensors, metadata = probe.tensors()
+    return read_kohya(
+        probe.path,
+        tensors=tensors,
+        metadata=metadata,
+        alpha=options.alpha,
+        fan_in_fan_out=options.fan_in_fan_out,
+    )
+
+
+LAYOUT = ("kohya", _claims, _read, "sd-scripts / LyCORIS: lora_down/lora_up/alpha, hada_*, lokr_*")

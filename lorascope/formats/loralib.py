@@ -23,6 +23,8 @@ import torch
 from lorascope.adapter import FUSED_PARTS, Adapter, LoraModule, parse_kind
 from lorascope.errors import FormatError, ShapeError
 from lorascope.formats._common import (
+    Probe,
+    ReadOptions,
     make_module,
     missing_partner,
     parse_lora_key,
@@ -32,7 +34,7 @@ from lorascope.formats._common import (
     warn,
 )
 
-__all__ = ["read_loralib", "modules_from_pairs", "group_pairs"]
+__all__ = ["read_loralib", "modules_from_pairs", "group_pairs", "is_pair_key"]
 
 # (name, r) -> (alpha, scale)
 AlphaRule = Callable[[str, int], tuple[float, float]]
@@ -264,3 +266,44 @@ def read_loralib(
         "enable_lora": None if enable_lora is None else [bool(e) for e in enable_lora],
     }
     return Adapter(modules=modules, path=str(path), format="loralib", config=config)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def is_pair_key(k: str) -> bool:
+    """A PEFT/loralib/plain LoRA factor key (``.lora_A``, ``.lora_B``, ``.lora_embedding_*``)."""
+    return (
+        ".lora_A" in k
+        or ".lora_B" in k
+        or ".lora_embedding_" in k
+        or k in ("lora_A", "lora_B", "lora_A.weight", "lora_B.weight")
+    )
+
+
+def _claims(probe: Probe) -> bool:
+    """A torch file whose LoRA keys are all loralib's bare ``<name>.lora_A``/``.lora_B``."""
+    if probe.container != "torch":
+        return False
+    lora = [k for k in probe.keys if is_pair_key(k)]
+    named = all("." in k and not k.startswith(("lora_A", "lora_B")) for k in lora)
+    return bool(lora) and named and all(k.endswith((".lora_A", ".lora_B")) for k in lora)
+
+
+def _read(probe: Probe, options: ReadOptions) -> Adapter:
+    return read_loralib(
+        probe.path,
+        tensors=probe.tensors()[0],
+        alpha=options.alpha,
+        enable_lora=options.enable_lora,
+        fan_in_fan_out=options.fan_in_fan_out,
+        parts=options.parts,
+    )
+
+
+LAYOUT = (
+    "loralib",
+    _claims,
+    _read,
+    "loralib lora_state_dict (torch.save): <name>.lora_A / .lora_B",
+)

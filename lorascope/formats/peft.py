@@ -33,6 +33,8 @@ from lorascope.adapter import Adapter, LoraModule
 from lorascope.errors import FormatError, ShapeError
 from lorascope.formats._common import (
     PEFT_PREFIX,
+    Probe,
+    ReadOptions,
     make_module,
     missing_partner,
     one_line,
@@ -357,3 +359,36 @@ def write_peft_adapter(tensors: dict[str, torch.Tensor], config: dict, out_dir: 
         (out_dir / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     except (OSError, TypeError, ValueError) as e:
         raise FormatError(f"{out_dir}: cannot write the adapter: {one_line(e)}") from None
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _loralib_style(keys: list[str]) -> bool:
+    return any(k.endswith((".lora_A", ".lora_B")) for k in keys)
+
+
+def _claims(probe: Probe) -> bool:
+    """A directory with ``adapter_config.json``; a weights file beside one whose keys are named
+    PEFT-style (``<name>.lora_A.weight``, not loralib's bare ``<name>.lora_A``)."""
+    if probe.container == "dir":
+        return (probe.path / CONFIG_FILE).is_file()
+    if probe.container not in ("safetensors", "torch", "unknown"):
+        return False
+    if not probe.sibling(CONFIG_FILE).is_file():
+        return False
+    if probe.path.name in ADAPTER_FILES:
+        return True
+    named = [k for k in probe.keys if parse_lora_key(k) is not None and "." in k]
+    return (
+        bool(named)
+        and not _loralib_style(named)
+        and not any(k.startswith(("lora_A", "lora_B")) for k in named)
+    )
+
+
+def _read(probe: Probe, options: ReadOptions) -> Adapter:
+    return read_peft(probe.path, alpha=options.alpha, fan_in_fan_out=options.fan_in_fan_out)
+
+
+LAYOUT = ("peft", _claims, _read, "PEFT save_pretrained: adapter_config.json + adapter_model.*")

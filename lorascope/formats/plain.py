@@ -16,8 +16,15 @@ import torch
 
 from lorascope.adapter import Adapter
 from lorascope.errors import FormatError
-from lorascope.formats._common import read_json, read_tensors, scale_for, warn
-from lorascope.formats.loralib import AlphaRule, group_pairs, modules_from_pairs
+from lorascope.formats._common import (
+    Probe,
+    ReadOptions,
+    read_json,
+    read_tensors,
+    scale_for,
+    warn,
+)
+from lorascope.formats.loralib import AlphaRule, group_pairs, is_pair_key, modules_from_pairs
 from lorascope.formats.peft import CONFIG_FILE, config_number, pattern_key, read_pattern
 
 __all__ = ["read_plain"]
@@ -88,3 +95,31 @@ def read_plain(
         fan_in_fan_out=fan_in_fan_out,
     )
     return Adapter(modules=modules, path=str(path), format="plain", config=config)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _claims(probe: Probe) -> bool:
+    return probe.container in ("safetensors", "torch", "unknown") and any(
+        is_pair_key(k) for k in probe.keys
+    )
+
+
+def _read(probe: Probe, options: ReadOptions) -> Adapter:
+    return read_plain(
+        probe.path,
+        tensors=probe.tensors()[0],
+        alpha=options.alpha,
+        enable_lora=options.enable_lora,
+        fan_in_fan_out=options.fan_in_fan_out,
+        parts=options.parts,
+    )
+
+
+LAYOUT = (
+    "plain",
+    _claims,
+    _read,
+    "plain <name>.lora_A[.weight] / lora_B tensors (alpha from an option or a config beside)",
+)

@@ -1,0 +1,16 @@
+"""mlx adapters (reader not written yet: claims nothing)."""
+
+from __future__ import annotations
+
+from lorascope.errors import FormatError
+
+
+def _claims(probe) -> bool:
+    return False
+
+
+def _read(probe, options):
+    raise FormatError(f"{probe.path}: the mlx layout is not supported yet")
+
+
+LAYOUT = ("mlx", _claims, _read, "")
