@@ -34,7 +34,8 @@ def _ident(d: dict) -> list:
 @selection_options
 @output_options
 def inspect(adapter: Path, read, layer, module, out) -> None:
-    """List an adapter's modules: layer, kind, rank, shape, scale, factor norms."""
+    """List an adapter's modules: layer, kind, family, rank (width of the exact factored form
+    ΔW = s·B' A'; 'r' is the configured rank), parameters, shape, scale, factor norms."""
     ad: Adapter = read(adapter)
     mods = ad.select(layer=layer, module=module)
     rows = [
@@ -43,6 +44,11 @@ def inspect(adapter: Path, read, layer, module, out) -> None:
             "layer": m.layer,
             "kind": m.kind,
             "rank": m.rank,
+            "family": m.family,
+            "r": m.r,
+            "params": m.params,
+            "dora": m.is_dora,
+            "update": m.update,
             "shape": [m.d_out, m.d_in],
             "scale": float(m.scale),
             "alpha": m.alpha,
@@ -59,6 +65,9 @@ def inspect(adapter: Path, read, layer, module, out) -> None:
         "layer",
         "kind",
         "rank",
+        "family",
+        "r",
+        "params",
         "d_out",
         "d_in",
         "scale",
@@ -68,7 +77,18 @@ def inspect(adapter: Path, read, layer, module, out) -> None:
         "norm_B",
     ]
     table = [
-        [*_ident(r), *r["shape"], r["scale"], r["alpha"], r["dtype"], r["norm_A"], r["norm_B"]]
+        [
+            *_ident(r),
+            r["family"] + ("+dora" if r["dora"] and r["family"] != "dora" else ""),
+            r["r"],
+            r["params"],
+            *r["shape"],
+            r["scale"],
+            r["alpha"],
+            r["dtype"],
+            r["norm_A"],
+            r["norm_B"],
+        ]
         for r in rows
     ]
     if out == "json":
@@ -77,7 +97,10 @@ def inspect(adapter: Path, read, layer, module, out) -> None:
         print_csv(cols, table)
     else:
         ranks = ", ".join(map(str, ad.ranks))
-        print_table(f"{ad.path} ({ad.format}): {len(mods)} modules, rank {ranks}", cols, table)
+        fams = ", ".join(ad.families)
+        print_table(
+            f"{ad.path} ({ad.format}, {fams}): {len(mods)} modules, rank {ranks}", cols, table
+        )
 
 
 @click.command()

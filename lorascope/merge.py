@@ -1,4 +1,8 @@
-"""Merge a LoRA adapter into its base checkpoint: ``W' = W + s·B A``, written as safetensors.
+"""Merge an adapter into its base checkpoint: ``W' = W + s·B A``, written as safetensors.
+
+Every family merges through :func:`lorascope.update.merged_weight`: ``W + s·B' A'`` for the
+additive ones (LoRA, AdaLoRA, VeRA, LoHa, LoKr, from their exact factored forms) and DoRA's
+``diag(g)(W + s·B A)``, as the producing library merges it.
 
 The result is a plain checkpoint that loads without peft (Hu et al. 2021, §4.1: "we can
 explicitly compute and store W = W0 + BA and perform inference as usual"). The output mirrors the
@@ -9,7 +13,8 @@ the same file names and its other files (``config.json``, tokenizer files, ...) 
 ``.safetensors`` (``pytorch_model*.bin`` -> ``model*.safetensors``).
 
 Arithmetic, per stored tensor: ``W`` is upcast to float32 (float64 when it, or the requested
-output dtype, is float64), every module that targets it adds ``ΔW = s · B @ A`` into its place
+output dtype, is float64), every module that targets it puts ``merged_weight(module, W)``
+in its place
 (transposed for GPT-2 ``Conv1D`` / ``fan_in_fan_out``; only its rows for a fused q/k/v part;
 reshaped to the kernel for a conv), and the sum is cast back to the tensor's dtype. Tensors that
 no module touches are copied through byte for byte. Memory: one tensor in flight, never the model.
@@ -49,6 +54,7 @@ from lorascope.formats import load_adapter, load_base
 from lorascope.formats._common import TORCH_SUFFIXES, check_finite, one_line, read_json
 from lorascope.formats.base import BaseWeights, Placement, write_safetensors
 from lorascope.formats.peft import MUTATING_INITS
+from lorascope.update import merged_weight
 
 __all__ = ["MergeReport", "MergedModule", "merge_adapter", "merge_tensor", "OUT_DTYPES"]
 
@@ -196,9 +202,10 @@ def merge_tensor(
     acc = w0.clone()
     norms_delta = []
     for m, p in placed:
-        delta = m.scale * (m.B.to(work) @ m.A.to(work))  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
-        _region(acc, p).add_(delta)  # in place, through the view
-        norms_delta.append(float(torch.linalg.vector_norm(delta)))
+        base = _region(w0, p)  # (d_out, d_in) view of the stored tensor
+        new = merged_weight(m, base, dtype=work)  # W + s·B A; DoRA: rescaled by its magnitude
+        _region(acc, p).copy_(new)  # in place, through the view (regions are disjoint)
+        norms_delta.append(float(torch.linalg.vector_norm(new - base)))
     if not bool(torch.isfinite(acc).all()):
         bad = int((~torch.isfinite(acc)).sum())
         keys = ", ".join(m.key for m, _ in placed)
@@ -230,9 +237,7 @@ def _refuse_partial(adapter: Adapter) -> None:
     cfg = adapter.config if adapter.format == "peft" else {}
     init = cfg.get("init_lora_weights", True)
     why = None
-    if cfg.get("use_dora"):
-        why = "a DoRA adapter (its magnitude vector rescales W + s·B A)"
-    elif isinstance(init, str) and init.lower().startswith(MUTATING_INITS):
+    if isinstance(init, str) and init.lower().startswith(MUTATING_INITS):
         why = f"init_lora_weights={init!r} changed the base weights too"
     elif cfg.get("lora_bias"):
         why = "it trains a LoRA bias (lora_bias=True)"

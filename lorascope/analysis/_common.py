@@ -159,6 +159,23 @@ def _check_singular_values(
         )
 
 
+def update_fields(*modules: LoraModule) -> dict[str, str]:
+    """``family`` and ``update`` of a result, from the module(s) it describes: each the single
+    value they share, else their values joined by ``/`` in order (e.g. ``"lora/dora"``).
+
+    ``update`` names what the factored form stood for (:data:`lorascope.adapter.UPDATES`): the
+    whole ΔW (``full``), or for DoRA its direction part alone (no base) or its rank-r part with
+    the magnitude applied (with a base)."""
+
+    def join(values: list[str]) -> str:
+        return "/".join(dict.fromkeys(values))
+
+    return {
+        "family": join([m.family for m in modules]),
+        "update": join([m.update for m in modules]),
+    }
+
+
 def pair_modules(
     a: list[LoraModule], b: list[LoraModule], what_a: str, what_b: str
 ) -> list[tuple[LoraModule, LoraModule]]:

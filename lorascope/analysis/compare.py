@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from lorascope.adapter import Adapter, LoraModule
-from lorascope.analysis._common import Device, map_modules, module_svd, pair_modules
+from lorascope.analysis._common import Device, map_modules, module_svd, pair_modules, update_fields
 from lorascope.errors import LoraScopeError, LoraScopeWarning, MissingModuleError, ShapeError
 from lorascope.linalg import default_rcond, grassmann_distance, subspace_similarity
 
@@ -255,6 +255,8 @@ class CompareResult:
     phi_directed: np.ndarray
     grassmann_directed: np.ndarray
     modules: list[str]
+    family: str = "lora"
+    update: str = "full"
 
     @property
     def phi(self) -> np.ndarray:
@@ -306,6 +308,8 @@ class CompareResult:
             "expected_random": self.expected_random,
             "order": self.order("phi"),
             "modules": list(self.modules),
+            "family": self.family,
+            "update": self.update,
         }
 
 
@@ -422,6 +426,7 @@ def _compare_row(
     nranks = [int((s.S > rcond * s.S[0]).sum()) for s in svds]
     phi, dist = compare_bases([b.cpu() for b in bases], ii, jj)
     return CompareResult(
+        **update_fields(*mods),
         module=m0.key,
         layer=m0.layer,
         kind=m0.kind,

@@ -37,9 +37,10 @@ import numpy as np
 import torch
 
 from lorascope.adapter import Adapter, LoraModule
-from lorascope.analysis._common import Device, module_svdvals
+from lorascope.analysis._common import Device, module_svdvals, update_fields
 from lorascope.errors import LoraScopeError, ShapeError, ZeroUpdateError
 from lorascope.linalg import SVD, top_singular
+from lorascope.update import merged_weight, with_base
 
 __all__ = [
     "DEFAULT_K",
@@ -214,6 +215,7 @@ def intruder_similarity(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     base_svd: SVD | None = None,
+    tuned: torch.Tensor | None = None,
 ) -> IntruderSimilarity:
     """``|cos|`` between the top-``k`` singular vectors of ``W + s·B A`` and all of ``W``'s.
 
@@ -241,6 +243,10 @@ def intruder_similarity(
         Seeds ARPACK's start vector.
     base_svd : SVD, optional
         ``W``'s :func:`weight_svd` (e.g. from :class:`SVDCache`); computed when not given.
+    tuned : torch.Tensor, optional
+        ``(d_out, d_in)``: the fine-tuned weight when it is not ``W + s·B A`` (DoRA's
+        ``diag(g)(W + s·B A)``, :func:`lorascope.update.merged_weight`); then it is decomposed
+        densely (the exact method) and ``A``, ``B``, ``scale`` are not used.
 
     Returns
     -------
@@ -288,8 +294,14 @@ def intruder_similarity(
     k = min(k, p)
     if method == "auto":
         method = "exact" if p < max(64, 4 * k) else "iterative"
+    if tuned is not None:
+        method = "exact"
     if method == "exact":
-        Wt = W.to(device=svd.U.device, dtype=dtype) + scale * (B @ A)  # (m, n): the definition
+        if tuned is None:
+            Wt = W.to(device=svd.U.device, dtype=dtype) + scale * (B @ A)  # (m, n): the definition
+        else:
+            Wt = tuned.to(device=svd.U.device, dtype=dtype)
+            Wt = Wt.mT if side == "right" else Wt
         Y, sv, _ = torch.linalg.svd(Wt, full_matrices=False)  # (m, p'), (p',)
         sim = (Y[:, :k].mT @ svd.U).abs()  # (k, m) @ (m, p) -> (k, p)
         return IntruderSimilarity(sim.clamp_(0.0, 1.0), sv[:k], "exact")
@@ -361,6 +373,8 @@ class IntruderResult:
     singular_values: list[float]
     base_singular_values: list[float]
     similarity: np.ndarray
+    family: str = "lora"
+    update: str = "full"
 
     def to_dict(self, matrix: bool = False) -> dict:
         """JSON-ready; the ``(k, p)`` similarity matrix only with ``matrix=True``."""
@@ -380,6 +394,8 @@ class IntruderResult:
             "best_match": list(self.best_match),
             "singular_values": list(self.singular_values),
             "base_singular_values": list(self.base_singular_values),
+            "family": self.family,
+            "update": self.update,
         }
         if matrix:
             d["similarity"] = self.similarity.tolist()
@@ -412,7 +428,8 @@ def module_intruders(
     Parameters
     ----------
     module : LoraModule
-        ``ΔW = s·B A`` of shape ``(d_out, d_in)``.
+        ``ΔW = s·B A`` of shape ``(d_out, d_in)``. A DoRA module is compared through its
+        merged weight ``diag(g)(W + s·B A)`` (:mod:`lorascope.update`), decomposed densely.
     W : torch.Tensor
         ``(d_out, d_in)`` pre-trained weight, nn.Linear orientation (e.g.
         ``BaseWeights.weight_for(module)``, which transposes Conv1D and slices fused parts).
@@ -441,6 +458,8 @@ def module_intruders(
     if not bool(W.any()):
         raise ZeroUpdateError(f"{module.tensor_name()}: the base weight W is all zero")
     svd = cache.get(W, dtype=dtype) if cache is not None else weight_svd(W, dtype=dtype)
+    tuned = merged_weight(module, W, dtype=dtype) if module.is_dora else None
+    module = with_base(module, W, dtype=dtype)
     res = intruder_similarity(
         W,
         module.A,
@@ -453,10 +472,12 @@ def module_intruders(
         seed=seed,
         dtype=dtype,
         base_svd=svd,
+        tuned=tuned,
     )
     sim = res.similarity.cpu().double().numpy()  # (k, p)
     best = sim.max(axis=1)  # (k,)
     return IntruderResult(
+        **update_fields(module),
         module=module.key,
         layer=module.layer,
         kind=module.kind,

@@ -16,9 +16,10 @@ from typing import Literal
 import torch
 
 from lorascope.adapter import Adapter, LoraModule
-from lorascope.analysis._common import Device, batched_svds, module_svd
+from lorascope.analysis._common import Device, batched_svds, module_svd, update_fields
 from lorascope.errors import ShapeError, ZeroUpdateError
 from lorascope.linalg import frobenius_norm, projection_norm, random_orthonormal, top_singular
+from lorascope.update import full_update_svdvals, with_base
 
 __all__ = ["ProjectionResult", "module_amplification", "amplify"]
 
@@ -40,6 +41,10 @@ class ProjectionResult:
         ``k·‖W‖_F / sqrt(d_out·d_in)``, the closed-form size of ``proj_random``.
     amplification : float
         ``‖ΔW‖_F / proj_delta`` (``inf`` if ``W`` has no component in ΔW's subspace).
+    full_norm_delta, full_singular_values : float, list of float, or None
+        DoRA only: ``‖W' − W‖_F`` and the top-``k`` singular values of the whole update
+        ``diag(g − 1)·W + diag(g)·s·B A`` (by ARPACK on an operator, never dense); the other
+        columns describe its rank-r part ``diag(g)·s·B A`` (``update="dora-rank-r"``).
     """
 
     module: str
@@ -55,6 +60,10 @@ class ProjectionResult:
     proj_random: float
     random_expected: float
     amplification: float
+    family: str = "lora"
+    update: str = "full"
+    full_norm_delta: float | None = None
+    full_singular_values: list[float] | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -78,7 +87,8 @@ def module_amplification(
     Parameters
     ----------
     module : LoraModule
-        ``ΔW = s·B A`` of shape ``(d_out, d_in)``, rank ``r``.
+        ``ΔW = s·B A`` of shape ``(d_out, d_in)``, rank ``r``. For DoRA the columns describe
+        the rank-r part ``diag(g)·s·B A`` of the true update, and ``full_*`` the whole of it.
     W : torch.Tensor
         ``(d_out, d_in)`` pre-trained weight in nn.Linear orientation (any float dtype).
     seed : int
@@ -92,6 +102,10 @@ def module_amplification(
     """
     if tuple(W.shape) != module.shape:
         raise ShapeError(f"{module.tensor_name()}: base W {tuple(W.shape)} vs ΔW {module.shape}")
+    full = None
+    if module.is_dora and module.update != "dora-rank-r":
+        full = full_update_svdvals(module, W, module.rank, dtype=dtype, seed=seed)
+        module = with_base(module, W, dtype=dtype)  # the rank-r part diag(g)·s·B A
     svd = module_svd(module, dtype=dtype, device=device)
     # W stays in its stored dtype (fp16 for a 12288² W is 302 MB; a float64 copy would be 1.2 GB):
     # every product below upcasts it one block of rows at a time (linalg.blocked_matmul).
@@ -110,6 +124,7 @@ def module_amplification(
     Vr = random_orthonormal(module.d_in, k, g, dtype=dtype).to(W.device)
     norm_delta = float(torch.linalg.vector_norm(svd.S))
     return ProjectionResult(
+        **update_fields(module),
         module=module.key,
         layer=module.layer,
         kind=module.kind,
@@ -123,6 +138,8 @@ def module_amplification(
         proj_random=projection_norm(W, Ur, Vr),
         random_expected=k * norm_w / math.sqrt(module.d_out * module.d_in),
         amplification=norm_delta / proj_delta if proj_delta > 0 else math.inf,
+        full_norm_delta=None if full is None else full[1],
+        full_singular_values=None if full is None else [float(x) for x in full[0]],
     )
 
 

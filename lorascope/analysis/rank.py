@@ -47,7 +47,13 @@ import numpy as np
 import torch
 
 from lorascope.adapter import Adapter, LoraModule
-from lorascope.analysis._common import Device, map_modules, module_svd, module_svdvals
+from lorascope.analysis._common import (
+    Device,
+    map_modules,
+    module_svd,
+    module_svdvals,
+    update_fields,
+)
 from lorascope.errors import LoraScopeError, NonFiniteError
 from lorascope.linalg import default_rcond
 
@@ -220,6 +226,8 @@ class RankResult:
     new_scale: float
     alpha: float | None
     new_alpha: float
+    family: str = "lora"
+    update: str = "full"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -258,6 +266,7 @@ def _result(
     else:
         new_scale = float(new_alpha) / root_k
     return cls(
+        **update_fields(module),
         module=module.key,
         layer=module.layer,
         kind=module.kind,
@@ -273,7 +282,7 @@ def _result(
         spectral_error=float(S[k] / S[0]) if k < S.size else 0.0,
         numerical_rank=int((S > rcond * S[0]).sum()),
         energy_ranks=ladder,
-        params=module.rank * width,
+        params=module.params,
         new_params=k * width,
         scale=float(module.scale),
         new_scale=new_scale,

@@ -19,6 +19,7 @@ from lorascope.analysis._common import (
     map_modules,
     module_svd,
     pair_modules,
+    update_fields,
 )
 from lorascope.errors import ShapeError
 from lorascope.linalg import (
@@ -29,6 +30,7 @@ from lorascope.linalg import (
     subspace_similarity,
     top_singular,
 )
+from lorascope.update import with_base
 
 __all__ = [
     "Factor",
@@ -63,6 +65,8 @@ class SimilarityResult:
     phi: np.ndarray
     random_phi: np.ndarray | None = None
     module_b: str | None = None
+    family: str = "lora"
+    update: str = "full"
 
     @property
     def expected_random(self) -> np.ndarray:
@@ -81,6 +85,8 @@ class SimilarityResult:
             "phi": self.phi.tolist(),
             "random_phi": None if self.random_phi is None else self.random_phi.tolist(),
             "expected_random": self.expected_random.tolist(),
+            "family": self.family,
+            "update": self.update,
         }
 
 
@@ -213,6 +219,7 @@ def module_similarity(
         # φ of two Haar-random subspaces, drawn in O(j³) (no n-long bases; same law)
         rnd = random_similarity(n, *phi.shape, g, dtype=dtype).numpy()
     return SimilarityResult(
+        **update_fields(a, b),
         module=a.key,
         module_b=b.key,
         layer=a.layer,
@@ -289,7 +296,8 @@ def weight_similarity(
     Parameters
     ----------
     module : LoraModule
-        The update, ``ΔW`` of shape ``(d_out, d_in)``.
+        The update, ``ΔW`` of shape ``(d_out, d_in)`` (DoRA: its rank-r part with the magnitude
+        applied, :func:`lorascope.update.with_base`).
     W : torch.Tensor
         ``(d_out, d_in)`` pre-trained weight, nn.Linear orientation.
     side : {"right", "left"}
@@ -311,6 +319,7 @@ def weight_similarity(
         raise ShapeError(f"{module.tensor_name()}: base W {tuple(W.shape)} vs ΔW {module.shape}")
     if device is not None:
         W = W.to(device)
+    module = with_base(module, W, dtype=dtype)  # DoRA: the rank-r part diag(g)·s·B A
     svd = module_svd(module, dtype=dtype, device=device)
     Ud = svd.V if side == "right" else svd.U  # (n, k)
     Wsvd = top_singular(W, max_i, method=method, seed=seed, dtype=dtype)
@@ -324,6 +333,7 @@ def weight_similarity(
         # ones (rotation invariance), so the O(j³) draw serves here too
         rnd = random_similarity(n, *phi.shape, g, dtype=dtype).numpy()
     return SimilarityResult(
+        **update_fields(module),
         module=module.key,
         module_b="W",
         layer=module.layer,

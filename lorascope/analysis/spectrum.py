@@ -12,7 +12,13 @@ import numpy as np
 import torch
 
 from lorascope.adapter import Adapter, LoraModule
-from lorascope.analysis._common import Device, batched_svds, map_modules, module_svdvals
+from lorascope.analysis._common import (
+    Device,
+    batched_svds,
+    map_modules,
+    module_svdvals,
+    update_fields,
+)
 from lorascope.linalg import default_rcond
 
 __all__ = ["SpectrumResult", "module_spectrum", "spectrum"]
@@ -51,6 +57,8 @@ class SpectrumResult:
     effective_rank: float
     stable_rank: float
     numerical_rank: int
+    family: str = "lora"
+    update: str = "full"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -76,6 +84,7 @@ def module_spectrum(
     total = float(sq.sum())
     p = S[S > 0] / S.sum()
     return SpectrumResult(
+        **update_fields(module),
         module=module.key,
         layer=module.layer,
         kind=module.kind,

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from lorascope.adapter import Adapter
 from lorascope.errors import FormatError
-from lorascope.formats._common import Probe, ReadOptions
+from lorascope.formats._common import Probe, ReadOptions, warn
 from lorascope.formats.base import BaseWeights, load_base
 from lorascope.formats.hdf5 import save_h5
 from lorascope.formats.kohya import write_kohya
@@ -135,5 +135,13 @@ def load_adapter(
         parts=None if parts is None else tuple(parts),
     )
     probe = Probe.of(path)
-    layout = detect(probe, fmt)
-    return layout.read(probe, options)
+    adapter = detect(probe, fmt).read(probe, options)
+    n_dora = sum(m.is_dora for m in adapter)
+    if n_dora:
+        warn(
+            path,
+            f"DoRA in {n_dora} module(s): the magnitude rescales W + s·B A, so without the base "
+            "only the direction part s·B A is analysed (JSON update='dora-direction'); commands "
+            "given --base use the true update",
+        )
+    return adapter

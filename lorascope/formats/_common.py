@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from lorascope.adapter import LoraModule, parse_kind, parse_layer
+from lorascope.adapter import LoraModule, Magnitude, parse_kind, parse_layer
 from lorascope.errors import (
     FormatError,
     LoraScopeWarning,
@@ -438,8 +438,17 @@ def make_module(
     rows: tuple[int, int] | None = None,
     fan_in_fan_out: bool | None = None,
     kind: str | None = None,
+    family: str = "lora",
+    nominal_rank: int | None = None,
+    n_params: int | None = None,
+    magnitude: Magnitude | None = None,
 ) -> LoraModule:
     """The one boundary check every reader goes through, then a :class:`LoraModule`.
+
+    ``A``/``B`` are the module's exact factored form (a family's products computed by the
+    reader with :mod:`lorascope.families`, in float64, from tensors already passed through
+    :func:`check_tensors`); ``family``, ``nominal_rank``, ``n_params`` and ``magnitude`` are
+    stored as given (see :class:`~lorascope.adapter.LoraModule`).
 
     Parameters
     ----------
@@ -499,7 +508,25 @@ def make_module(
         kind=kind or parse_kind(name),
         source=str(source),
         keys=tuple(keys),
+        family=family,
+        nominal_rank=nominal_rank,
+        n_params=n_params,
+        magnitude=magnitude,
+        update="full" if magnitude is None else "dora-direction",
     )
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], source: object) -> None:
+    """Every tensor a family is built from: floating point, non-empty and finite (checked
+    before any product, so an error names the stored tensor)."""
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise FormatError(
+                f"{source}: {key} has dtype {t.dtype}, expected a floating-point tensor"
+            )
+        if t.numel() == 0:
+            raise ShapeError(f"{source}: {key} has shape {shape(t)}, expected a non-empty tensor")
+        check_finite(t, source, key)
 
 
 def missing_partner(source: object, have: str, want: str) -> ShapeError:
