@@ -460,7 +460,8 @@ def module_resize(
             f"{module.tensor_name()}: the rank-{k} factors overflow {out_dtype} "
             "(choose a wider output dtype)"
         )
-    return replace(module, A=A, B=B, scale=new_scale, alpha=res.new_alpha), res
+    plain = dict(family="lora", nominal_rank=None, n_params=None)  # an extraction: plain LoRA
+    return replace(module, A=A, B=B, scale=new_scale, alpha=res.new_alpha, **plain), res
 
 
 def resize(
@@ -477,6 +478,12 @@ def resize(
     out_dtype: torch.dtype | None = None,
 ) -> tuple[Adapter, list[ResizeResult]]:
     """A copy of ``adapter`` whose selected modules are truncated by :func:`module_resize`.
+
+    The result is always plain LoRA: for AdaLoRA, VeRA, LoHa and LoKr modules the truncation is
+    an *extraction*, the best rank-``k`` LoRA of the exact update (Eckart–Young on the factored
+    SVD), and the modules not selected are written as the plain LoRA of their exact factored
+    form (width ``k`` of :mod:`lorascope.families`, lossless). DoRA is refused: its update
+    depends on the base weight.
 
     Modules not selected by ``layer``/``module`` (see :meth:`lorascope.adapter.Adapter.select`)
     are kept as they are, so the result is still the whole adapter; module order is kept.
@@ -497,6 +504,12 @@ def resize(
         selection is empty; the errors of :func:`module_resize`.
     """
     rslora = _rslora(adapter) if rslora is None else rslora
+    dora = next((m for m in adapter if m.is_dora), None)
+    if dora is not None:
+        raise LoraScopeError(
+            f"{dora.tensor_name()}: a DoRA update needs its base weight (the magnitude rescales "
+            "W + s·B A), so it has no plain-LoRA extraction from the adapter alone"
+        )
     chosen = adapter.select(layer=layer, module=module)
     keys = {m.key for m in adapter.modules}
     for m in chosen:
@@ -525,7 +538,12 @@ def resize(
             strict=True,
         )
     )
-    modules = [done[m.key][0] if m.key in done else m for m in adapter.modules]
+    # modules not selected keep their exact factored form, which is a plain LoRA of its width
+    plain = dict(family="lora", nominal_rank=None, n_params=None)
+    modules = [
+        done[m.key][0] if m.key in done else (m if m.family == "lora" else replace(m, **plain))
+        for m in adapter.modules
+    ]
     results = [done[m.key][1] for m in adapter.modules if m.key in done]
     return replace(adapter, modules=modules, config=dict(adapter.config)), results
 

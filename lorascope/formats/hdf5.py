@@ -1,8 +1,8 @@
 """lorascope's own HDF5 adapter file: the normalized model, exactly, readable without lorascope.
 
-Layout (version 1)::
+Layout (version 2; version 1 files, without the family attributes, are read too)::
 
-    /                       attrs: format = "lorascope", version = 1,
+    /                       attrs: format = "lorascope", version = 2,
                                    adapter_format, adapter_path (where it was read from),
                                    config (the adapter's config as JSON text)
     /modules                group, creation order = adapter order
@@ -10,11 +10,13 @@ Layout (version 1)::
                             with "/" written as "%2F"
         A                   dataset (r, d_in)   dtype as in memory (bfloat16 is stored as
         B                   dataset (d_out, r)  float32 with attr dtype = "bfloat16")
-        attrs: name, scale, kind, origin_source, origin_keys, and when set:
+        m                   dataset (DoRA only): the magnitude vector, attrs axis ("out"/"in"), key
+        attrs: name, scale, kind, origin_source, origin_keys, family, update, and when set:
                alpha, part, rows (int64[2]: [start, stop) in the fused weight),
-               fan_in_fan_out (bool), layer (int)
+               fan_in_fan_out (bool), layer (int), nominal_rank (int), n_params (int)
 
-``ΔW = scale · B @ A`` of shape ``(d_out, d_in)``, in ``nn.Linear`` orientation.
+``ΔW = scale · B @ A`` of shape ``(d_out, d_in)``, in ``nn.Linear`` orientation: the exact
+factored form of the module's family (DoRA: before the magnitude rescaling).
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ import h5py
 import numpy as np
 import torch
 
-from lorascope.adapter import Adapter, LoraModule
+from lorascope.adapter import FAMILIES, Adapter, LoraModule, Magnitude
 from lorascope.errors import FormatError
-from lorascope.formats._common import make_module, one_line
+from lorascope.formats._common import check_tensors, make_module, one_line
 
 __all__ = ["save_h5", "read_h5", "H5_VERSION"]
 
 H5_FORMAT = "lorascope"
-H5_VERSION = 1
+H5_VERSION = 2
 
 
 def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str | None]:
@@ -89,11 +91,22 @@ def save_h5(adapter_or_modules: Adapter | Iterable[LoraModule], path: str | Path
                 g.attrs["kind"] = m.kind
                 g.attrs["origin_source"] = m.source
                 g.attrs["origin_keys"] = json.dumps(list(m.keys))
+                g.attrs["family"] = m.family
+                g.attrs["update"] = m.update
+                if m.magnitude is not None:
+                    data, dtype = _to_numpy(m.magnitude.m)
+                    ds = g.create_dataset("m", data=data)
+                    ds.attrs["axis"] = m.magnitude.axis
+                    ds.attrs["key"] = m.magnitude.key
+                    if dtype:
+                        ds.attrs["dtype"] = dtype
                 optional = {
                     "alpha": m.alpha,
                     "part": m.part,
                     "fan_in_fan_out": m.fan_in_fan_out,
                     "layer": m.layer,
+                    "nominal_rank": m.nominal_rank,
+                    "n_params": m.n_params,
                 }
                 for k, v in optional.items():
                     if v is not None:
@@ -143,7 +156,7 @@ def read_h5(path: str | Path) -> Adapter:
         version = _attr(f, "version")
         if not isinstance(version, int) or version > H5_VERSION:
             raise FormatError(
-                f"{path}: lorascope HDF5 version {version!r}; this lorascope reads {H5_VERSION}"
+                f"{path}: lorascope HDF5 version {version!r}; this lorascope reads 1-{H5_VERSION}"
             )
         group = f.get("modules")
         if not isinstance(group, h5py.Group) or len(group) == 0:
@@ -159,12 +172,34 @@ def read_h5(path: str | Path) -> Adapter:
     return Adapter(modules=modules, path=str(path), format="hdf5", config=config)
 
 
+def _optional_int(g: h5py.Group, key: str) -> int | None:
+    v = _attr(g, key)
+    return None if v is None else int(v)
+
+
 def _module(g: h5py.Group, label: str, path: Path) -> LoraModule:
     if "scale" not in g.attrs:
         raise FormatError(f"{path}: {g.name} has no scale attribute")
     A, B = _tensor(g, "A", path), _tensor(g, "B", path)
     rows = g.attrs.get("rows")
     ffo = _attr(g, "fan_in_fan_out")
+    family = str(_attr(g, "family", "lora"))
+    if family not in FAMILIES:
+        raise FormatError(f"{path}: {g.name} has unknown family {family!r}")
+    magnitude = None
+    if "m" in g:
+        m_t = _tensor(g, "m", path)
+        check_tensors({f"{g.name}/m": m_t}, path)
+        axis = str(_attr(g["m"], "axis", "out"))
+        if axis not in ("out", "in"):
+            raise FormatError(f"{path}: {g.name}/m has axis {axis!r} (expected out or in)")
+        magnitude = Magnitude(m_t.reshape(-1), axis, str(_attr(g["m"], "key", f"{g.name}/m")))
+    update = str(_attr(g, "update", "full"))
+    if update == "dora-rank-r":
+        raise FormatError(
+            f"{path}: {g.name} holds a DoRA update resolved against a base; save the module as "
+            "read instead"
+        )
     m = make_module(
         str(_attr(g, "name", label)),
         A,
@@ -177,6 +212,10 @@ def _module(g: h5py.Group, label: str, path: Path) -> LoraModule:
         rows=None if rows is None else (int(rows[0]), int(rows[1])),
         fan_in_fan_out=None if ffo is None else bool(ffo),
         kind=_attr(g, "kind"),
+        family=family,
+        nominal_rank=_optional_int(g, "nominal_rank"),
+        n_params=_optional_int(g, "n_params"),
+        magnitude=magnitude,
     )
     layer = _attr(g, "layer")
     return replace(m, layer=None if layer is None else int(layer))

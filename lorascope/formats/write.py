@@ -15,7 +15,8 @@ peft       a ``save_pretrained`` directory. From a PEFT source: its config (``r`
            exact module names.
 kohya      one sd-scripts ``.safetensors`` file (:func:`lorascope.formats.kohya.write_kohya`),
            key spellings, conv kernel shapes, other tensors and metadata from the source file.
-hdf5       lorascope's normalized ``.h5`` (:func:`lorascope.formats.hdf5.save_h5`), any source.
+hdf5       lorascope's normalized ``.h5`` (:func:`lorascope.formats.hdf5.save_h5`), any source and
+           family (DoRA magnitudes included).
 =========  ===================================================================================
 
 PEFT's ``rank_pattern``/``alpha_pattern`` keys are regular expressions that peft (0.21,
@@ -205,8 +206,15 @@ def save_adapter(
     fmt = check_out(adapter, out, fmt=fmt, template=template, force=force)
     if template is None and adapter.format == fmt and fmt in ("peft", "kohya") and adapter.path:
         template = adapter.path if Path(adapter.path).exists() else None
-    if adapter.config.get("use_dora"):
-        raise _dora(adapter.path)
+    dora = next((m for m in adapter if m.is_dora), None)
+    if dora is not None and fmt != "hdf5":
+        raise _dora(dora.source)
+    other = next((m for m in adapter if m.family != "lora"), None)
+    if other is not None and fmt != "hdf5":
+        raise FormatError(
+            f"{other.tensor_name()}: a {other.family} module; write a plain-LoRA extraction "
+            "(lorascope.analysis.resize) or a .h5 file"
+        )
     if dtype is not None:
         modules = [replace(m, A=m.A.to(dtype), B=m.B.to(dtype)) for m in adapter]
         for m in modules:
@@ -370,6 +378,8 @@ def _peft_files(adapter: Adapter, template: str | Path | None) -> tuple[dict, di
         if weights is None:
             raise FormatError(f"{template}: no {' or '.join(ADAPTER_FILES)} (not a PEFT adapter)")
         config = read_json(folder / CONFIG_FILE)
+        if str(config.get("peft_type", "LORA")).upper() != "LORA":  # an extraction from LoHa, ...
+            return _peft_files(adapter, None)
         stored = read_tensors(weights)[0]
         if config.get("use_dora") or any(".lora_magnitude_vector" in k for k in stored):
             raise _dora(template)
