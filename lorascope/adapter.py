@@ -127,11 +127,15 @@ class Magnitude:
     axis : {"out", "in"}
     key : str
         Its tensor name in the file.
+    eps : float
+        Added to the norm before dividing, where the producing library does (LyCORIS:
+        ``m / (‖W + ΔW‖ + eps)``); 0 for PEFT, mlx-lm and diffusers.
     """
 
     m: torch.Tensor
     axis: str = "out"
     key: str = ""
+    eps: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)

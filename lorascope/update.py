@@ -4,8 +4,8 @@ For every additive family the module's factored form is the whole update,
 ``W' = W + s · B A``. DoRA (Liu et al. 2024) rescales the merged weight by a learned magnitude
 ``m`` (:class:`~lorascope.adapter.Magnitude`)::
 
-    axis "out":  W' = diag(g) · (W + s·B A),   g_i = m_i / ‖(W + s·B A)[i, :]‖
-    axis "in":   W' = (W + s·B A) · diag(g),   g_j = m_j / ‖(W + s·B A)[:, j]‖
+    axis "out":  W' = diag(g) · (W + s·B A),   g_i = m_i / (‖(W + s·B A)[i, :]‖ + eps)
+    axis "in":   W' = (W + s·B A) · diag(g),   g_j = m_j / (‖(W + s·B A)[:, j]‖ + eps)
 
 so the true update is ``ΔW = W' − W = diag(g − 1)·W + diag(g)·s·B A`` (axis "out"; mirrored for
 "in"): a rescaling of ``W`` plus a rank-``r`` part that stays factored. This is PEFT's
@@ -51,8 +51,9 @@ def _rows(n_rows: int, n_cols: int, dtype: torch.dtype) -> int:
 def _lowrank_norms(
     module: LoraModule, W: torch.Tensor, axis: str, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Row (``axis="out"``) or column (``"in"``) norms of ``W + s·B A``, one block of rows of
-    ``W`` at a time in ``dtype``: ``(d_out,)`` or ``(d_in,)``."""
+    """Row norms (``axis="out"``, ``(d_out,)``) or squared column norms (``"in"``, ``(d_in,)``,
+    summed per channel by the caller) of ``W + s·B A``, one block of rows of ``W`` at a time in
+    ``dtype``."""
     A = module.A.to(device=W.device, dtype=dtype)  # (r, d_in)
     B = module.B.to(device=W.device, dtype=dtype)  # (d_out, r)
     d_out, d_in = module.shape
@@ -73,7 +74,7 @@ def _lowrank_norms(
 def dora_gain(
     module: LoraModule, W: torch.Tensor, *, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
-    """DoRA's rescaling ``g = m / ‖W + s·B A‖`` along the magnitude's axis.
+    """DoRA's rescaling ``g = m / (‖W + s·B A‖ + eps)`` along the magnitude's axis.
 
     Parameters
     ----------
@@ -110,7 +111,7 @@ def dora_gain(
             )
         group = d_in // m.numel()
         norms = norms.reshape(m.numel(), group).sum(dim=1).sqrt()  # per channel: Σ over kernel
-        gain = m / norms
+        gain = m / (norms + mag.eps)
         gain = gain.repeat_interleave(group)  # (d_in,)
     else:
         if m.numel() != module.d_out:
@@ -118,7 +119,7 @@ def dora_gain(
                 f"{module.source}: {mag.key} has {m.numel()} entries; {module.key} has "
                 f"{module.d_out} output rows"
             )
-        gain = m / norms
+        gain = m / (norms + mag.eps)
     if not bool(torch.isfinite(gain).all()):
         raise ZeroUpdateError(
             f"{module.source}: {mag.key}: ‖W + s·B A‖ is zero along some "
