@@ -56,6 +56,17 @@ def _upcast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype) if x.dtype != dtype else x
 
 
+def _balance(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``X / c`` and ``c``, ``c`` the power of two nearest below ``max|X|`` per matrix
+    (``(..., 1, 1)``; 1 for an all-zero matrix): an exact rescaling that keeps the QRs and the
+    core SVD of :func:`factored_svd` away from overflow and underflow whatever the size of the
+    stored values (a float64 factor of 1e300 or 1e-300 decomposes like one of 1)."""
+    top = X.abs().amax(dim=(-2, -1), keepdim=True)  # (..., 1, 1)
+    _, e = torch.frexp(top)
+    c = torch.where(top > 0, torch.ldexp(torch.ones_like(top), e - 1), torch.ones_like(top))
+    return X / c, c
+
+
 def _fix_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic signs: the largest-magnitude entry of each column of ``U`` is positive.
 
@@ -111,8 +122,8 @@ def factored_svd(
     >>> factored_svd(A, B, scale=0.5).S              # ΔW = 0.5·B@A has one σ = 0.5·2·1
     tensor([1.], dtype=torch.float64)
     """
-    A = _upcast(A, dtype)
-    B = _upcast(B, dtype)
+    A, ca = _balance(_upcast(A, dtype))  # exact powers of two, (.., 1, 1) each
+    B, cb = _balance(_upcast(B, dtype))
     Qb, Rb = torch.linalg.qr(B)  # (.., out, kb), (.., kb, r)
     Qa, Ra = torch.linalg.qr(A.mT)  # (.., in, ka), (.., ka, r)
     core = Rb @ Ra.mT  # (.., kb, r) @ (.., r, ka) -> (.., kb, ka)
@@ -120,7 +131,7 @@ def factored_svd(
     # (Ucᵀ Q_bᵀ)ᵀ: LAPACK's Q is column-major, and this order runs 2-3× faster than Q_b @ U_c
     U = (Uc.mT @ Qb.mT).mT  # ((.., k, kb) @ (.., kb, out))ᵀ -> (.., out, k)
     V = (Vch @ Qa.mT).mT  # ((.., k, ka) @ (.., ka, in))ᵀ -> (.., in, k)
-    S = Sc * abs(float(scale))
+    S = Sc * (ca * cb).squeeze(-1) * abs(float(scale))  # (.., k): inf if it overflows dtype
     if scale < 0:  # σ >= 0: move the sign into U
         U = -U
     U, V = _fix_signs(U, V)
@@ -149,12 +160,12 @@ def factored_svdvals(
     >>> factored_svdvals(A, B, scale=0.5)
     tensor([1.], dtype=torch.float64)
     """
-    A = _upcast(A, dtype)
-    B = _upcast(B, dtype)
+    A, ca = _balance(_upcast(A, dtype))  # exact powers of two, (.., 1, 1) each
+    B, cb = _balance(_upcast(B, dtype))
     _, Rb = torch.linalg.qr(B, mode="r")  # (.., kb, r)
     _, Ra = torch.linalg.qr(A.mT, mode="r")  # (.., ka, r)
     core = Rb @ Ra.mT  # (.., kb, r) @ (.., r, ka) -> (.., kb, ka)
-    return torch.linalg.svdvals(core) * abs(float(scale))
+    return torch.linalg.svdvals(core) * (ca * cb).squeeze(-1) * abs(float(scale))
 
 
 def default_rcond(shape: tuple[int, int], dtype: torch.dtype = torch.float64) -> float:

@@ -11,7 +11,7 @@ from typing import TypeVar
 import torch
 
 from lorascope.adapter import LoraModule
-from lorascope.errors import MissingModuleError, NonFiniteError, ZeroUpdateError
+from lorascope.errors import MissingModuleError, NonFiniteError, ShapeError, ZeroUpdateError
 from lorascope.linalg import SVD, factored_svd, factored_svdvals
 
 DType = torch.dtype
@@ -140,11 +140,35 @@ def module_svdvals(
     return S
 
 
+# Largest |entry| of a base weight the analyses accept: its squares and products with unit
+# vectors stay far inside float64 (2^500 ≈ 3e150; real weights are below 1e4).
+_MAX_WEIGHT = 2.0**500
+
+
+def checked_weight(module: LoraModule, W: torch.Tensor) -> torch.Tensor:
+    """``W`` after the checks every analysis with a base needs: ``ΔW``'s shape, and entries
+    small enough that norms and products cannot overflow float64 (a one-line error naming the
+    module otherwise; NaN/Inf were refused when it was read)."""
+    if tuple(W.shape) != module.shape:
+        raise ShapeError(f"{module.tensor_name()}: base W {tuple(W.shape)} vs ΔW {module.shape}")
+    top = float(W.abs().amax()) if W.numel() else 0.0
+    if top > _MAX_WEIGHT:
+        raise NonFiniteError(
+            f"{module.tensor_name()}: its base weight holds values up to {top:.3g}, too large "
+            "to analyse in float64"
+        )
+    return W
+
+
 def _check_singular_values(
     module: LoraModule, S: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 ) -> None:
     if not bool(torch.isfinite(S).all()):
-        raise NonFiniteError(f"{module.tensor_name()}: ΔW has non-finite singular values")
+        raise NonFiniteError(
+            f"{module.tensor_name()}: the singular values of ΔW overflow "
+            f"{str(S.dtype).removeprefix('torch.')} (factors up to {float(A.abs().amax()):.3g} "
+            f"and {float(B.abs().amax()):.3g}, scale {module.scale:.3g})"
+        )
     if S.numel() == 0 or float(S[0]) == 0.0:
         if module.scale != 0 and bool(A.any()) and bool(B.any()):  # tiny, not zero
             raise ZeroUpdateError(

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from lorascope.adapter import Adapter, LoraModule
-from lorascope.analysis._common import Device, module_svdvals, update_fields
+from lorascope.analysis._common import Device, checked_weight, module_svdvals, update_fields
 from lorascope.errors import LoraScopeError, ShapeError, ZeroUpdateError
 from lorascope.linalg import SVD, top_singular
 from lorascope.update import merged_weight, with_base
@@ -450,8 +450,7 @@ def module_intruders(
         ``W`` does not have ΔW's shape. ZeroUpdateError: ``ΔW`` or ``W`` is all zero.
     """
     eps = _epsilons(epsilon)
-    if tuple(W.shape) != module.shape:
-        raise ShapeError(f"{module.tensor_name()}: base W {tuple(W.shape)} vs ΔW {module.shape}")
+    W = checked_weight(module, W)
     module_svdvals(module, dtype=dtype, device=device)  # refuses an all-zero or non-finite ΔW
     if device is not None:
         W = W.to(device)

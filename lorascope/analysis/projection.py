@@ -16,8 +16,14 @@ from typing import Literal
 import torch
 
 from lorascope.adapter import Adapter, LoraModule
-from lorascope.analysis._common import Device, batched_svds, module_svd, update_fields
-from lorascope.errors import ShapeError, ZeroUpdateError
+from lorascope.analysis._common import (
+    Device,
+    batched_svds,
+    checked_weight,
+    module_svd,
+    update_fields,
+)
+from lorascope.errors import ZeroUpdateError
 from lorascope.linalg import frobenius_norm, projection_norm, random_orthonormal, top_singular
 from lorascope.update import full_update_svdvals, with_base
 
@@ -100,8 +106,7 @@ def module_amplification(
     -------
     ProjectionResult
     """
-    if tuple(W.shape) != module.shape:
-        raise ShapeError(f"{module.tensor_name()}: base W {tuple(W.shape)} vs ΔW {module.shape}")
+    W = checked_weight(module, W)
     full = None
     if module.is_dora and module.update != "dora-rank-r":
         full = full_update_svdvals(module, W, module.rank, dtype=dtype, seed=seed)

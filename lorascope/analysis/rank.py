@@ -159,7 +159,8 @@ def select_rank(S: np.ndarray | torch.Tensor, rule: RankRule, *, rcond: float = 
     if rule.method == "ratio":
         k = int((S >= rule.value * S[0]).sum())
     else:
-        tail = _tails(S**2 if rule.method == "energy" else S)  # (n + 1,)
+        rel = S / S[0]  # shares are scale-free: σ/σ_1 cannot overflow when squared
+        tail = _tails(rel**2 if rule.method == "energy" else rel)  # (n + 1,)
         k = int(np.argmax(tail <= (1.0 - rule.value) * tail[0]))
     return max(1, min(k, numerical))
 
@@ -256,7 +257,9 @@ def _result(
     if not (math.isfinite(rcond) and rcond >= 0):
         raise LoraScopeError(f"rcond must be a finite number >= 0, got {rcond}")
     k = select_rank(S, rule, rcond=rcond)
-    sq, nuc = _tails(S**2), _tails(S)  # (n + 1,): Σ_{i>j} σ_i², Σ_{i>j} σ_i
+    s1 = float(S[0])
+    rel = S / s1  # (n,): σ/σ_1, so that huge or tiny finite σ cannot overflow σ² (issue 11)
+    sq, nuc = _tails(rel**2), _tails(rel)  # (n + 1,): Σ_{i>j} σ_i², Σ_{i>j} σ_i, over σ_1², σ_1
     width = module.d_out + module.d_in
     ladder = {f"{e:g}": select_rank(S, RankRule("energy", e), rcond=rcond) for e in ENERGY_LADDER}
     root_k = math.sqrt(k) if rslora else float(k)
@@ -277,7 +280,7 @@ def _result(
         value=float(rule.value),
         energy_kept=1.0 - float(sq[k] / sq[0]),
         nuclear_kept=1.0 - float(nuc[k] / nuc[0]),
-        frobenius_error=math.sqrt(float(sq[k])),
+        frobenius_error=s1 * math.sqrt(float(sq[k])),
         relative_error=math.sqrt(float(sq[k] / sq[0])),
         spectral_error=float(S[k] / S[0]) if k < S.size else 0.0,
         numerical_rank=int((S > rcond * S[0]).sum()),

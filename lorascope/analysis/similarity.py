@@ -16,6 +16,7 @@ from lorascope.adapter import Adapter, LoraModule
 from lorascope.analysis._common import (
     Device,
     batched_svds,
+    checked_weight,
     map_modules,
     module_svd,
     pair_modules,
@@ -315,8 +316,7 @@ def weight_similarity(
         ``phi[i-1, j-1]`` = φ(W top-i, ΔW top-j); ``rank`` and ``rank_b`` are the module's
         rank, ``module_b`` is ``"W"``, ``factor`` is ``"W-" + side``.
     """
-    if tuple(W.shape) != module.shape:
-        raise ShapeError(f"{module.tensor_name()}: base W {tuple(W.shape)} vs ΔW {module.shape}")
+    W = checked_weight(module, W)
     if device is not None:
         W = W.to(device)
     module = with_base(module, W, dtype=dtype)  # DoRA: the rank-r part diag(g)·s·B A

@@ -80,9 +80,11 @@ def module_spectrum(
     """
     S = module_svdvals(module, dtype=dtype, device=device).cpu().numpy()  # (k,)
     rcond = default_rcond(module.shape, dtype) if rcond is None else rcond
-    sq = S**2
-    total = float(sq.sum())
-    p = S[S > 0] / S.sum()
+    # shares and ratios from σ/σ_1, so that huge or tiny finite σ cannot overflow σ² (issue 11)
+    rel = S / S[0]  # (k,), rel[0] = 1
+    sq = rel**2
+    total = float(sq.sum())  # ‖ΔW‖_F² / σ_1², in [1, k]
+    p = rel[rel > 0] / rel.sum()
     return SpectrumResult(
         **update_fields(module),
         module=module.key,
@@ -93,10 +95,10 @@ def module_spectrum(
         scale=float(module.scale),
         singular_values=S.tolist(),
         energy=(np.cumsum(sq) / total).tolist(),
-        frobenius_norm=float(np.sqrt(total)),
+        frobenius_norm=float(S[0]) * float(np.sqrt(total)),
         spectral_norm=float(S[0]),
         effective_rank=float(np.exp(-(p * np.log(p)).sum())),
-        stable_rank=total / float(S[0]) ** 2,
+        stable_rank=total,
         numerical_rank=int((S > rcond * S[0]).sum()),
     )
 

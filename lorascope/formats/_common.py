@@ -14,6 +14,7 @@ import mmap
 import pickle
 import pickletools
 import re
+import stat
 import struct
 import sys
 import warnings
@@ -139,6 +140,7 @@ def torch_load(path: Path, *, mmap: bool = False) -> Any:
     A pickle that asks for anything but tensors and plain containers is refused by torch's
     weights-only unpickler before any of it runs; that refusal becomes :class:`UnsafeFileError`.
     """
+    check_regular(path)
     try:
         with warnings.catch_warnings():  # torch's note on pickle protocols is noise here
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -172,6 +174,7 @@ def torch_load(path: Path, *, mmap: bool = False) -> Any:
 
 def open_safetensors(path: Path):
     """``safe_open(path)``, with a truncated/empty/garbage file turned into :class:`FormatError`."""
+    check_regular(path)
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # SafetensorError, OSError
@@ -227,10 +230,14 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _flatten_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, torch.Tensor):
-        return {"": obj}
+        return {"": loaded_tensor(obj, path, "<tensor>")}
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
-    return {str(k): v for k, v in unwrap(obj).items() if isinstance(v, torch.Tensor)}
+    return {
+        str(k): loaded_tensor(v, path, str(k))
+        for k, v in unwrap(obj).items()
+        if isinstance(v, torch.Tensor)
+    }
 
 
 def unwrap(obj: dict) -> dict:
@@ -350,14 +357,82 @@ Reader = Callable[[Probe, ReadOptions], Any]
 Detector = Callable[[Probe], bool]
 
 
+# JSON files lorascope reads (configs, index files) are small; these bound what a hostile one
+# can make it allocate or recurse into.
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
+
+
+def _depth(obj: Any, limit: int) -> int:
+    """Nesting depth of parsed JSON, giving up (returning ``limit + 1``) past ``limit``."""
+    stack, deepest = [(obj, 1)], 0
+    while stack:
+        node, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        if isinstance(node, dict):
+            stack.extend((v, d + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, d + 1) for v in node)
+    return deepest
+
+
 def read_json(path: Path) -> dict:
+    """A JSON object from a regular file of at most :data:`MAX_JSON_BYTES`, nested at most
+    :data:`MAX_JSON_DEPTH` deep, or a one-line :class:`FormatError`.
+
+    Numbers are parsed as Python does (``1e309`` becomes ``inf``, integers of more than 4300
+    digits are refused); whoever reads a field checks its range (:func:`config_number` and
+    friends in :mod:`lorascope.formats.peft`)."""
+    check_regular(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise FormatError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB; not a config file")
+        data = json.loads(raw.decode("utf-8"))
+    except FormatError:
+        raise
+    except RecursionError:
+        raise FormatError(f"{path}: not valid JSON: nested too deeply") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, int digit limit
         raise FormatError(f"{path}: not valid JSON: {one_line(e)}") from None
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise FormatError(f"{path}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
     return data
+
+
+def check_regular(path: Path) -> None:
+    """Refuse anything but an existing regular file (a FIFO, a device such as ``/dev/zero``, a
+    directory, a dangling or looping link) with a one-line :class:`FormatError`."""
+    try:
+        st = path.stat()
+    except OSError as e:  # missing, a symlink loop, a name too long, no permission
+        raise FormatError(f"{path}: cannot read: {one_line(e)}") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise FormatError(f"{path}: {what}")
+
+
+def loaded_tensor(t: torch.Tensor, path: object, key: str) -> torch.Tensor:
+    """A tensor from ``torch.load`` made safe to compute with: detached (an ``nn.Parameter``
+    or a tensor saved with ``requires_grad`` is data here), and refused when it claims more
+    elements than its storage holds (a zero-stride view that "holds" 2³¹ elements of one
+    stored value would make any copy of it that large)."""
+    t = t.detach()
+    if t.requires_grad:  # pragma: no cover - detach always clears it
+        t = t.clone()
+    need = t.numel() * t.element_size()
+    have = t.untyped_storage().nbytes()
+    if need > have:
+        raise ShapeError(
+            f"{path}: {key} {shape(t)} claims {need} bytes but its storage holds {have} "
+            "(an overlapping view; save the tensor itself)"
+        )
+    return t
 
 
 # ----------------------------------------------------------------------------- keys

@@ -27,6 +27,8 @@ from lorascope.errors import FormatError, MissingModuleError, ShapeError
 from lorascope.formats._common import (
     TORCH_SUFFIXES,
     check_finite,
+    check_regular,
+    loaded_tensor,
     map_safetensors,
     one_line,
     open_safetensors,
@@ -101,9 +103,12 @@ class Placement:
 
 def _entry(path: Path) -> Path:
     """The file to read for ``path`` (a directory resolves to its weights or index file)."""
-    if not path.exists():
-        raise FormatError(f"{path}: no such file or directory")
-    if not path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {one_line(e)}") from None
+    if not is_dir:
+        check_regular(path)  # a FIFO or /dev/zero is refused before anything reads it
         return path
     for name in _DIR_FILES:
         if (path / name).is_file():
@@ -118,6 +123,16 @@ def _entry(path: Path) -> Path:
     raise FormatError(
         f"{path}: no model weights found (model.safetensors, index.json; saw: {listed})"
     )
+
+
+def _shard(index: Path, name: object) -> Path:
+    """The shard file an index names: a relative path inside the index's directory."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise FormatError(f"{index}: weight_map names a shard {name!r}, not a file name")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise FormatError(f"{index}: weight_map names {name!r}, outside the index's directory")
+    return index.parent / rel
 
 
 class BaseWeights:
@@ -145,7 +160,7 @@ class BaseWeights:
             weight_map = read_json(entry).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise FormatError(f"{entry}: index has no weight_map")
-            self._key_file = {str(k): entry.parent / str(v) for k, v in weight_map.items()}
+            self._key_file = {str(k): _shard(entry, v) for k, v in weight_map.items()}
         elif sniff(entry) == "safetensors":
             with open_safetensors(entry) as f:
                 self._key_file = dict.fromkeys(f.keys(), entry)
@@ -218,8 +233,14 @@ class BaseWeights:
         if file not in self._torch:
             obj = torch_load(file, mmap=True)
             if isinstance(obj, dict):
-                obj = {str(k): v for k, v in unwrap(obj).items() if isinstance(v, torch.Tensor)}
-            elif not isinstance(obj, torch.Tensor):
+                obj = {
+                    str(k): loaded_tensor(v, file, str(k))
+                    for k, v in unwrap(obj).items()
+                    if isinstance(v, torch.Tensor)
+                }
+            elif isinstance(obj, torch.Tensor):
+                obj = loaded_tensor(obj, file, "<tensor>")
+            else:
                 raise FormatError(f"{file}: holds a {type(obj).__name__}, not tensors")
             self._torch[file] = obj
         return self._torch[file]

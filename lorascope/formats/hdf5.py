@@ -22,6 +22,7 @@ factored form of the module's family (DoRA: before the magnitude rescaling).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -31,8 +32,8 @@ import numpy as np
 import torch
 
 from lorascope.adapter import FAMILIES, Adapter, LoraModule, Magnitude
-from lorascope.errors import FormatError
-from lorascope.formats._common import check_tensors, make_module, one_line
+from lorascope.errors import FormatError, LoraScopeError
+from lorascope.formats._common import check_regular, check_tensors, make_module, one_line
 
 __all__ = ["save_h5", "read_h5", "H5_VERSION"]
 
@@ -98,6 +99,7 @@ def save_h5(adapter_or_modules: Adapter | Iterable[LoraModule], path: str | Path
                     ds = g.create_dataset("m", data=data)
                     ds.attrs["axis"] = m.magnitude.axis
                     ds.attrs["key"] = m.magnitude.key
+                    ds.attrs["eps"] = float(m.magnitude.eps)
                     if dtype:
                         ds.attrs["dtype"] = dtype
                 optional = {
@@ -117,21 +119,68 @@ def save_h5(adapter_or_modules: Adapter | Iterable[LoraModule], path: str | Path
         raise FormatError(f"{path}: cannot write HDF5: {one_line(e)}") from None
 
 
-def _attr(g: h5py.Group, key: str, default=None):
-    v = g.attrs.get(key, default)
+_MISSING = object()
+
+
+def _attr(obj, key: str, kind: type, path: Path, default=_MISSING):
+    """Attribute ``key`` of ``obj`` as a scalar of ``kind`` (str, int, float or bool), or
+    ``default`` when absent; anything else (an array, a wrong type, a non-finite number, an
+    integer that does not fit) is a one-line :class:`FormatError` naming the attribute."""
+    where = f"{path}: {obj.name} attribute {key!r}"
+    try:
+        v = obj.attrs.get(key, _MISSING)
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise FormatError(f"{where}: unreadable: {one_line(e)}") from None
+    if v is _MISSING:
+        if default is _MISSING:
+            raise FormatError(f"{where}: missing")
+        return default
+    if isinstance(v, np.ndarray):
+        if v.ndim != 0:
+            raise FormatError(f"{where}: an array of shape {v.shape}, expected a scalar")
+        v = v[()]
     if isinstance(v, bytes):
-        v = v.decode()
+        try:
+            v = v.decode()
+        except UnicodeDecodeError:
+            raise FormatError(f"{where}: not valid UTF-8") from None
     if isinstance(v, np.generic):
         v = v.item()
-    return v
+    if kind is str and isinstance(v, str):
+        return v
+    if kind is bool and isinstance(v, bool):
+        return v
+    if kind in (int, float) and isinstance(v, (int, float)) and not isinstance(v, bool):
+        if not math.isfinite(v):
+            raise FormatError(f"{where}: {v} is not finite")
+        if kind is int:
+            if v != int(v) or abs(v) >= 2**62:
+                raise FormatError(f"{where}: {v!r} is not an integer in range")
+            return int(v)
+        return float(v)
+    raise FormatError(f"{where}: {v!r} is not a {kind.__name__}")
 
 
 def _tensor(g: h5py.Group, label: str, path: Path) -> torch.Tensor:
+    """Dataset ``label`` of ``g``: a float vector or matrix whose bytes the file really holds
+    (a dataset declared multi-TB and never written is refused before anything is allocated)."""
     ds = g.get(label)
     if not isinstance(ds, h5py.Dataset):
         raise FormatError(f"{path}: {g.name} has no dataset {label}")
+    where = f"{path}: {ds.name}"
+    if ds.ndim not in (1, 2) or ds.dtype.kind != "f" or ds.dtype.itemsize not in (2, 4, 8):
+        raise FormatError(f"{where}: {ds.dtype} {ds.shape}, expected a float vector or matrix")
+    try:
+        stored = ds.id.get_storage_size()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise FormatError(f"{where}: unreadable: {one_line(e)}") from None
+    slack = 64 if ds.compression else 1  # a compressed dataset may hold more than it stores
+    if ds.nbytes > max(stored, 0) * slack or ds.nbytes > path.stat().st_size * slack:
+        raise FormatError(
+            f"{where}: declares {ds.nbytes} bytes ({ds.shape}) but the file stores {stored}"
+        )
     t = torch.from_numpy(np.asarray(ds[()]))
-    return t.to(torch.bfloat16) if _attr(ds, "dtype") == "bfloat16" else t
+    return t.to(torch.bfloat16) if _attr(ds, "dtype", str, path, None) == "bfloat16" else t
 
 
 def read_h5(path: str | Path) -> Adapter:
@@ -142,83 +191,100 @@ def read_h5(path: str | Path) -> Adapter:
     Adapter
         The modules as saved (``A`` ``(r, d_in)``, ``B`` ``(d_out, r)``, scale, part, rows, ...),
         validated like every other reader's; ``format`` is ``"hdf5"``.
+
+    Raises
+    ------
+    FormatError
+        Not a lorascope file, or any attribute or dataset that is not what the layout says
+        (arrays where scalars belong, non-finite numbers, undeclared families, datasets larger
+        than the bytes the file holds).
     """
     path = Path(path)
+    check_regular(path)
     try:
         f = h5py.File(path, "r")
-    except OSError as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise FormatError(f"{path}: not a readable HDF5 file: {one_line(e)}") from None
-    with f:
-        if _attr(f, "format") != H5_FORMAT:
-            raise FormatError(
-                f"{path}: HDF5 file is not a lorascope adapter (no format='lorascope')"
-            )
-        version = _attr(f, "version")
-        if not isinstance(version, int) or version > H5_VERSION:
-            raise FormatError(
-                f"{path}: lorascope HDF5 version {version!r}; this lorascope reads 1-{H5_VERSION}"
-            )
-        group = f.get("modules")
-        if not isinstance(group, h5py.Group) or len(group) == 0:
-            raise FormatError(f"{path}: no modules in this lorascope HDF5 file")
-        try:
-            config = json.loads(_attr(f, "config", "{}"))
-        except (TypeError, json.JSONDecodeError):
-            config = {}
-        try:
-            modules = [_module(group[label], label, path) for label in group]
-        except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
-            raise FormatError(f"{path}: damaged lorascope HDF5 file: {one_line(e)}") from None
+    try:
+        with f:
+            return _read(f, path)
+    except LoraScopeError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        raise FormatError(f"{path}: damaged lorascope HDF5 file: {one_line(e)}") from None
+
+
+def _read(f: h5py.File, path: Path) -> Adapter:
+    if _attr(f, "format", str, path, None) != H5_FORMAT:
+        raise FormatError(f"{path}: HDF5 file is not a lorascope adapter (no format='lorascope')")
+    version = _attr(f, "version", int, path, None)
+    if version is None or not 1 <= version <= H5_VERSION:
+        raise FormatError(
+            f"{path}: lorascope HDF5 version {version!r}; this lorascope reads 1-{H5_VERSION}"
+        )
+    group = f.get("modules")
+    if not isinstance(group, h5py.Group) or len(group) == 0:
+        raise FormatError(f"{path}: no modules in this lorascope HDF5 file")
+    text = _attr(f, "config", str, path, "{}")
+    try:
+        config = json.loads(text)
+    except RecursionError:
+        raise FormatError(f"{path}: the config attribute is nested too deeply") from None
+    except ValueError as e:
+        raise FormatError(f"{path}: the config attribute is not JSON: {one_line(e)}") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: the config attribute is a {type(config).__name__}, not a dict")
+    modules = [_module(group[label], label, path) for label in group]
     return Adapter(modules=modules, path=str(path), format="hdf5", config=config)
 
 
-def _optional_int(g: h5py.Group, key: str) -> int | None:
-    v = _attr(g, key)
-    return None if v is None else int(v)
-
-
 def _module(g: h5py.Group, label: str, path: Path) -> LoraModule:
-    if "scale" not in g.attrs:
-        raise FormatError(f"{path}: {g.name} has no scale attribute")
+    if not isinstance(g, h5py.Group):
+        raise FormatError(f"{path}: /modules/{label} is not a group")
     A, B = _tensor(g, "A", path), _tensor(g, "B", path)
-    rows = g.attrs.get("rows")
-    ffo = _attr(g, "fan_in_fan_out")
-    family = str(_attr(g, "family", "lora"))
+    family = _attr(g, "family", str, path, "lora")
     if family not in FAMILIES:
         raise FormatError(f"{path}: {g.name} has unknown family {family!r}")
     magnitude = None
     if "m" in g:
         m_t = _tensor(g, "m", path)
         check_tensors({f"{g.name}/m": m_t}, path)
-        axis = str(_attr(g["m"], "axis", "out"))
+        axis = _attr(g["m"], "axis", str, path, "out")
         if axis not in ("out", "in"):
             raise FormatError(f"{path}: {g.name}/m has axis {axis!r} (expected out or in)")
-        magnitude = Magnitude(m_t.reshape(-1), axis, str(_attr(g["m"], "key", f"{g.name}/m")))
-    update = str(_attr(g, "update", "full"))
-    if update == "dora-rank-r":
-        raise FormatError(
-            f"{path}: {g.name} holds a DoRA update resolved against a base; save the module as "
-            "read instead"
-        )
+        key = _attr(g["m"], "key", str, path, f"{g.name}/m")
+        eps = _attr(g["m"], "eps", float, path, 0.0)
+        magnitude = Magnitude(m_t.reshape(-1), axis, key, eps)
+    update = _attr(g, "update", str, path, "full")
+    if update != ("full" if magnitude is None else "dora-direction"):
+        raise FormatError(f"{path}: {g.name} has update {update!r}; save the module as read")
+    rows = g.attrs.get("rows")
+    if rows is not None:
+        rows = np.asarray(rows)
+        if rows.shape != (2,) or rows.dtype.kind not in "iu" or not 0 <= rows[0] < rows[1]:
+            raise FormatError(f"{path}: {g.name} attribute 'rows' is {rows!r}, not [start, stop)")
+        rows = (int(rows[0]), int(rows[1]))
+    alpha = _attr(g, "alpha", float, path, None)
+    if alpha is not None and alpha <= 0:
+        raise FormatError(f"{path}: {g.name} attribute 'alpha' is {alpha}, not positive")
     m = make_module(
-        str(_attr(g, "name", label)),
+        _attr(g, "name", str, path, label),
         A,
         B,
-        alpha=_attr(g, "alpha"),
-        scale=float(_attr(g, "scale", float("nan"))),
+        alpha=alpha,
+        scale=_attr(g, "scale", float, path),
         source=path,
         keys=(f"{g.name}/A", f"{g.name}/B"),
-        part=_attr(g, "part"),
-        rows=None if rows is None else (int(rows[0]), int(rows[1])),
-        fan_in_fan_out=None if ffo is None else bool(ffo),
-        kind=_attr(g, "kind"),
+        part=_attr(g, "part", str, path, None),
+        rows=rows,
+        fan_in_fan_out=_attr(g, "fan_in_fan_out", bool, path, None),
+        kind=_attr(g, "kind", str, path, None),
         family=family,
-        nominal_rank=_optional_int(g, "nominal_rank"),
-        n_params=_optional_int(g, "n_params"),
+        nominal_rank=_attr(g, "nominal_rank", int, path, None),
+        n_params=_attr(g, "n_params", int, path, None),
         magnitude=magnitude,
     )
-    layer = _attr(g, "layer")
-    return replace(m, layer=None if layer is None else int(layer))
+    return replace(m, layer=_attr(g, "layer", int, path, None))
 
 
 LAYOUT = (
