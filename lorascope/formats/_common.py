@@ -435,6 +435,62 @@ def loaded_tensor(t: torch.Tensor, path: object, key: str) -> torch.Tensor:
     return t
 
 
+# ----------------------------------------------------------------------------- patterns
+
+# Time a whole config's pattern matching may take (PEFT keys are regexes a stranger wrote).
+PATTERN_BUDGET_S = 2.0
+
+
+class PatternMatcher:
+    r"""PEFT's ``rank_pattern``/``alpha_pattern`` matching, bounded in time.
+
+    peft (``utils/other.py``, ``get_pattern_key``) tries each key in order with
+    ``re.match(rf"(.*\.)?({key})$", name)``. The same expression runs here on the ``regex``
+    engine (compatible with ``re``), with a timeout: a catastrophic pattern such as ``(a+)+$``
+    is a one-line :class:`FormatError` within :data:`PATTERN_BUDGET_S` seconds for the whole
+    config, not a hang.
+    """
+
+    def __init__(self, source: object, budget: float = PATTERN_BUDGET_S) -> None:
+        import time
+
+        self.source = source
+        self._clock = time.monotonic
+        self._deadline = self._clock() + budget
+        self._compiled: dict[str, Any] = {}
+
+    def _compile(self, key: str):
+        import regex
+
+        if key not in self._compiled:
+            if not isinstance(key, str):
+                raise FormatError(f"{self.source}: pattern {key!r} is not a string")
+            try:
+                self._compiled[key] = regex.compile(rf"(.*\.)?({key})$")
+            except (regex.error, ValueError, OverflowError, RecursionError) as e:
+                raise FormatError(
+                    f"{self.source}: pattern {key!r} is not a valid regex: {one_line(e)}"
+                ) from None
+        return self._compiled[key]
+
+    def first(self, patterns: Any, name: str) -> str | None:
+        """The first key of ``patterns`` (in order) that matches module ``name``, or None."""
+        for key in patterns:
+            left = self._deadline - self._clock()
+            if left <= 0:
+                raise FormatError(f"{self.source}: matching its patterns takes too long")
+            try:
+                hit = self._compile(key).match(name, timeout=left)
+            except TimeoutError:
+                raise FormatError(
+                    f"{self.source}: pattern {key!r} takes too long to match (a catastrophic "
+                    "regular expression?)"
+                ) from None
+            if hit:
+                return key
+        return None
+
+
 # ----------------------------------------------------------------------------- keys
 
 
