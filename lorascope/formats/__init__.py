@@ -35,7 +35,7 @@ from pathlib import Path
 
 from lorascope.adapter import Adapter
 from lorascope.errors import FormatError
-from lorascope.formats._common import Probe, ReadOptions, warn
+from lorascope.formats._common import Probe, ReadOptions, one_line, warn
 from lorascope.formats.base import BaseWeights, load_base
 from lorascope.formats.hdf5 import save_h5
 from lorascope.formats.kohya import write_kohya
@@ -134,8 +134,11 @@ def load_adapter(
         fan_in_fan_out=fan_in_fan_out,
         parts=None if parts is None else tuple(parts),
     )
-    probe = Probe.of(path)
-    adapter = detect(probe, fmt).read(probe, options)
+    try:
+        probe = Probe.of(path)
+        adapter = detect(probe, fmt).read(probe, options)
+    except OSError as e:  # an unreadable directory, a name too long, a file gone mid-read
+        raise FormatError(f"{path}: cannot read: {one_line(e)}") from None
     n_dora = sum(m.is_dora for m in adapter)
     if n_dora:
         warn(

@@ -421,7 +421,10 @@ class BaseWeights:
 
 def load_base(path: str | Path) -> BaseWeights:
     """Open base weights lazily (see :class:`BaseWeights`); nothing but the index is read yet."""
-    return BaseWeights(path)
+    try:
+        return BaseWeights(path)
+    except OSError as e:  # an unreadable directory, a name too long
+        raise FormatError(f"{path}: cannot read: {one_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------- writing
