@@ -58,16 +58,18 @@ _KIND_RULES: tuple[tuple[str, str], ...] = (
     (r"(query|q_proj|q_lin|to_q|wq|attn_q|q)", "q"),
     (r"(key|k_proj|k_lin|to_k|wk|attn_k|k)", "k"),
     (r"(value|v_proj|v_lin|to_v|wv|attn_v|v)", "v"),
+    # MoE routers (a "gate" that picks experts, not the MLP's gate projection)
+    (r"(block_sparse_moe[._]gate|mlp[._]gate|shared_expert_gate|ffn_gate_inp|router)", "router"),
     # MLP: gate / up (into the wide hidden) / down (back to d_model)
-    (r"(gate_proj|w1|gate|ffn_gate)", "gate"),
+    (r"(gate_proj|w1|gate|ffn_gate|ffn_gate_exps|ffn_gate_shexp)", "gate"),
     (
         r"(intermediate[._]dense|up_proj|c_fc|fc1|lin1|dense_h_to_4h|w3|ff[._]net[._]0[._]proj"
-        r"|ffn_up)",
+        r"|ffn_up|ffn_up_exps|ffn_up_shexp)",
         "up",
     ),
     (
         r"(output[._]dense|down_proj|mlp[._]c_proj|fc2|lin2|dense_4h_to_h|w2|ff[._]net[._]2"
-        r"|ffn_down)",
+        r"|ffn_down|ffn_down_exps|ffn_down_shexp)",
         "down",
     ),
     (r"(embed_tokens|wte|word_embeddings|embeddings|embed|shared|token_embd)", "embed"),
