@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import h5py
 import loralib as lora
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 
-from lorascope.errors import FormatError, LoraScopeWarning
+from lorascope.errors import FormatError, LoraScopeWarning, ShapeError
 from lorascope.formats import load_adapter, save_h5
 
 TE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
@@ -59,30 +60,45 @@ def test_kohya_linear_and_conv(tmp_path, alpha):
     torch.testing.assert_close(unet.delta(), exp_unet.reshape(16, -1))
 
 
-def test_kohya_skips_loha_and_warns_on_dora(tmp_path, one_line_error):
+def test_kohya_reads_loha_and_dora(tmp_path, one_line_error):
+    """LyCORIS LoHa is read (face-splitting × Khatri–Rao, width r²), not skipped, beside a
+    DoRA LoRA whose dora_scale (1, in) is LyCORIS' wd_on_out=False; only DoRA warns."""
     base = {
         f"{TE}.lora_down.weight": torch.randn(2, 8),
         f"{TE}.lora_up.weight": torch.randn(8, 2),
-        f"{TE}.dora_scale": torch.randn(1, 8),
+        f"{TE}.dora_scale": torch.rand(1, 8) + 0.5,
     }
     loha = {
         f"{UNET}.hada_w1_a": torch.randn(8, 2),
         f"{UNET}.hada_w1_b": torch.randn(2, 8),
         f"{UNET}.hada_w2_a": torch.randn(8, 2),
         f"{UNET}.hada_w2_b": torch.randn(2, 8),
-        f"{UNET}.alpha": torch.tensor(2.0),
+        f"{UNET}.alpha": torch.tensor(3.0),
     }
     save_file({**base, **loha}, tmp_path / "mix.safetensors")
     with pytest.warns(LoraScopeWarning) as rec:
         adapter = load_adapter(tmp_path / "mix.safetensors")
     text = [str(w.message) for w in rec]
-    assert any("LoHa" in t for t in text) and any("DoRA" in t for t in text)
-    assert [m.name for m in adapter] == [TE]
+    assert any("DoRA" in t for t in text) and not any("skip" in t for t in text)
+    assert [m.name for m in adapter] == [TE, UNET]
+    te = adapter[TE]
+    assert te.family == "dora" and te.magnitude.axis == "in"
+    torch.testing.assert_close(te.magnitude.m, base[f"{TE}.dora_scale"].reshape(-1))
+    m = adapter[UNET]
+    assert (m.family, m.r, m.rank, m.params) == ("loha", 2, 4, 4 * 16)
+    w = {k.split(".")[1]: v.double() for k, v in loha.items()}
+    expected = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"]) * 3.0 / 2
+    torch.testing.assert_close(m.delta(), expected, rtol=1e-12, atol=1e-12)
 
     save_file(loha, tmp_path / "loha.safetensors")
-    with pytest.raises(FormatError) as e, pytest.warns(LoraScopeWarning):
-        load_adapter(tmp_path / "loha.safetensors")
-    one_line_error(e, tmp_path / "loha.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoraScopeWarning)
+        assert load_adapter(tmp_path / "loha.safetensors").families == ["loha"]
+    del loha[f"{UNET}.hada_w2_b"]  # half a LoHa is refused, never skipped
+    save_file(loha, tmp_path / "half.safetensors")
+    with pytest.raises(ShapeError) as e:
+        load_adapter(tmp_path / "half.safetensors")
+    assert f"{UNET}.hada_w2_b" in one_line_error(e, tmp_path / "half.safetensors")
 
 
 def test_h5_round_trip(tmp_path, tiny_gpt2):

@@ -694,7 +694,8 @@ def sd_scripts_delta(down, up, alpha):
 
 def _kohya_file(path: Path) -> tuple[dict, dict]:
     """A LoCon file in sd-scripts' layout: linear te q/v (r 8), a 3x3 and a 1x1 conv (r 4), the
-    alphas in fp16 as sd-scripts saves them in half precision, a LoHa module, its metadata."""
+    alphas in fp16 as sd-scripts saves them in half precision, a LyCORIS LoHa module (a 3x3
+    conv, r 2, its factors flattened to (r, in·kh·kw) as LyCORIS stores them), its metadata."""
     g = torch.Generator().manual_seed(5)
 
     def rnd(*shape):
@@ -715,6 +716,9 @@ def _kohya_file(path: Path) -> tuple[dict, dict]:
         f"{CONV1}.alpha": torch.tensor(2.0, dtype=torch.float16),
         f"{LOHA}.hada_w1_a": rnd(16, 2),
         f"{LOHA}.hada_w1_b": rnd(2, 72),
+        f"{LOHA}.hada_w2_a": rnd(16, 2),
+        f"{LOHA}.hada_w2_b": rnd(2, 72),
+        f"{LOHA}.alpha": torch.tensor(1.0, dtype=torch.float16),
     }
     metadata = {
         "ss_network_module": "networks.lora",
@@ -764,9 +768,25 @@ def test_cli_resize_kohya_writes_kohya(tmp_path, flag, value):
         np.testing.assert_allclose(chosen[name]["frobenius_error"], err, rtol=1e-6, atol=1e-9)
         back = load_adapter(out)[name]  # lorascope's reader agrees
         np.testing.assert_allclose(back.delta().numpy(), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
-    for key in (f"{LOHA}.hada_w1_a", f"{LOHA}.hada_w1_b"):  # not B @ A: copied as it was
-        assert torch.equal(written[key], tensors[key])
-    ranks = {chosen[n]["new_rank"] for n in (TE, TE_V, CONV1)}
+    # the LoHa is read and extracted like the rest: LyCORIS' ΔW = (w1a w1b) ⊙ (w2a w2b)·alpha/r,
+    # truncated, written as a lora_down/lora_up pair in place of its hada_* tensors; its file
+    # shows no kernel shape (hada_w1_b is (r, in·kh·kw)), so the pair is a (k, 72) matrix
+    w = {s: tensors[f"{LOHA}.{s}"].double() for s in ("hada_w1_a", "hada_w1_b")}
+    w |= {s: tensors[f"{LOHA}.{s}"].double() for s in ("hada_w2_a", "hada_w2_b")}
+    before = ((w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"]) / 2).numpy()
+    U, S, Vt = np.linalg.svd(before, full_matrices=False)
+    k = 2 if flag == "--rank" else brute_energy_rank(S, value)
+    assert chosen[LOHA]["new_rank"] == k
+    ref = (U[:, :k] * S[:k]) @ Vt[:k]
+    new_down, new_up = written[f"{LOHA}.lora_down.weight"], written[f"{LOHA}.lora_up.weight"]
+    assert new_down.shape == (k, 72) and new_up.shape == (16, k)
+    after = sd_scripts_delta(new_down, new_up, float(written[f"{LOHA}.alpha"]))
+    np.testing.assert_allclose(after, ref, rtol=0, atol=1e-9 * np.abs(ref).max())
+    np.testing.assert_allclose(
+        chosen[LOHA]["frobenius_error"], np.linalg.norm(before - ref), rtol=1e-6, atol=1e-9
+    )
+    assert not any(".hada_" in key for key in written)
+    ranks = {chosen[n]["new_rank"] for n in (TE, TE_V, CONV1, LOHA)}
     conv_rank = chosen[CONV]["new_rank"]
     assert meta["ss_network_dim"] == (str(ranks.pop()) if len(ranks) == 1 else "Dynamic")
     args = json.loads(meta["ss_network_args"])

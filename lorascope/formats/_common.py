@@ -543,7 +543,7 @@ def scalar(t: torch.Tensor, path: object, key: str) -> float:
     """The value of a one-element tensor (e.g. kohya's ``alpha``), checked finite."""
     if t.numel() != 1:
         raise ShapeError(f"{path}: {key} should be a scalar, got shape {shape(t)}")
-    value = float(t.detach().float().reshape(()))
+    value = float(t.detach().double().reshape(()))
     if not math.isfinite(value):
         raise NonFiniteError(f"{path}: {key} is {value}")
     return value
