@@ -158,13 +158,26 @@ def test_state_dict_with_adapter_name_segment(tmp_path, tiny_llama):
 
 
 def test_dora_and_pissa_warn(tmp_path, tiny_llama):
+    """DoRA is read (its magnitude kept; load_adapter says once that without the base only the
+    direction part is analysed); PiSSA-style inits still warn that the factors are not all."""
     dora = get_peft_model(
         copy.deepcopy(tiny_llama), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
     )
     dora.save_pretrained(tmp_path / "dora")
     with pytest.warns(LoraScopeWarning, match="DoRA") as rec:
-        load_adapter(tmp_path / "dora")
-    assert all("\n" not in str(w.message) and str(tmp_path / "dora") in str(w.message) for w in rec)
+        adapter = load_adapter(tmp_path / "dora")
+    ours = [w for w in rec if issubclass(w.category, LoraScopeWarning)]
+    assert len(ours) == 1  # one line for the adapter, none per module
+    assert all(
+        "\n" not in str(w.message) and str(tmp_path / "dora") in str(w.message) for w in ours
+    )
+    assert len(adapter) == 2 and {m.family for m in adapter} == {"dora"}
+    state = dora.state_dict()
+    for m in adapter:
+        assert m.update == "dora-direction" and m.magnitude.axis == "out"
+        stored = state[f"base_model.model.{m.name}.lora_magnitude_vector.default.weight"]
+        torch.testing.assert_close(m.magnitude.m, stored, rtol=0, atol=0)
+        assert m.params == m.A.numel() + m.B.numel() + stored.numel()
 
     pissa = get_peft_model(
         tiny_llama, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa_niter_4")

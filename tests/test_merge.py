@@ -472,7 +472,11 @@ def test_module_without_base_tensor_exits_2(tmp_path, llama_case):
         merge_adapter(base, tmp_path / "adapter3", tmp_path / "o")
 
 
-def test_sharded_base_into_one_file_and_dora_are_refused(tmp_path, llama_case, tiny_gpt2):
+def test_sharded_base_into_one_file_and_dora_are_refused(tmp_path, llama_case):
+    """A sharded base cannot become one file; a config that says DoRA over factors without
+    magnitudes is refused in one line; a real DoRA adapter merges as peft's merge_and_unload."""
+    from transformers import LlamaForCausalLM
+
     base, adapter, _ = llama_case
     res = run("merge", "--base", base, "--delta", adapter, "--out", tmp_path / "x.safetensors")
     assert res.exit_code == 2 and "sharded" in res.output
@@ -481,8 +485,29 @@ def test_sharded_base_into_one_file_and_dora_are_refused(tmp_path, llama_case, t
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     res = run("merge", "--base", base, "--delta", adapter, "--out", tmp_path / "d")
-    assert res.exit_code == 2 and "DoRA" in res.output, res.output
+    assert res.exit_code == 2 and "use_dora" in res.output, res.output
+    assert res.output.count("\n") == 1
     assert not (tmp_path / "d").exists()
+
+    pm = get_peft_model(
+        LlamaForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"]),
+    )
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # move B off zero and the magnitude off ‖W‖: a non-trivial rescaling
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(tmp_path / "dora")
+    merged = peft_merged(pm)
+    res = run("merge", "--base", base, "--delta", tmp_path / "dora", "--out", tmp_path / "dm")
+    assert res.exit_code == 0, res.output
+    got = LlamaForCausalLM.from_pretrained(tmp_path / "dm").state_dict()
+    assert sorted(got) == sorted(merged)
+    for key, expected in merged.items():
+        assert_close_dtype(got[key], expected, key)
+    dora = load_adapter(tmp_path / "dora")
+    assert {m.family for m in dora} == {"dora"} and len(dora) == 4
 
 
 def test_streaming_writer_matches_save_file(tmp_path):

@@ -1,18 +1,47 @@
-"""PEFT LoRA adapters: read what ``save_pretrained`` writes; write adapters peft can load.
+"""PEFT adapters: read what ``save_pretrained`` writes; write LoRA adapters peft can load.
 
-On disk (peft ``utils/save_and_load.py``, ``tuners/lora/layer.py``)::
+On disk (peft ``utils/save_and_load.py``): ``adapter_config.json`` (its ``peft_type`` says the
+family) and ``adapter_model.safetensors`` (or ``.bin``), keyed ``base_model.model.<name>.<param>``
+with the adapter name stripped. What each family stores, and the exact factored form
+``ΔW = s · B' A'`` it is read into (:mod:`lorascope.families`, products in float64):
 
-    adapter_config.json                 LoraConfig: r, lora_alpha, use_rslora, rank_pattern, ...
-    adapter_model.safetensors (.bin)    base_model.model.<name>.lora_A.weight   (r, d_in)
-                                        base_model.model.<name>.lora_B.weight   (d_out, r)
-                                        base_model.model.<name>.lora_embedding_A (r, num_embeddings)
-                                        base_model.model.<name>.lora_embedding_B (embedding_dim, r)
+=========  ========================================  ==========================================
+peft_type  tensors per module                        B', A', s
+=========  ========================================  ==========================================
+LORA       ``lora_A.weight (r, in)``,                ``lora_B``, ``lora_A``; ``α/r`` (rsLoRA
+           ``lora_B.weight (out, r)``                ``α/√r``), r and α per module from
+                                                     ``rank_pattern``/``alpha_pattern``
+ +DoRA     ``lora_magnitude_vector``                 as LoRA, plus :class:`Magnitude` m
+ +params   ``target_parameters``: ``lora_A (r·E,     one module per expert e:
+           in)``, ``lora_B (out, r·E)`` on the       ``B[:, e::E]``, ``A[e·r:(e+1)·r]``
+           module holding the 3-D parameter
+ADALORA    ``lora_A (k, in)``, ``lora_E (k, 1)``,    ``lora_B``, ``E ⊙ A``; ``α/(init_r+1e-5)``
+           ``lora_B (out, k)``, k ≤ init_r kept
+VERA       ``vera_lambda_b (out,)``,                 ``diag(λ_b)·vera_B[:out]``,
+           ``vera_lambda_d (r,)``; shared            ``diag(λ_d)·vera_A[:, :in]``; 1
+           ``base_model.vera_A (r, max_in)``,
+           ``base_model.vera_B (max_out, r)``
+LOHA       ``hada_w{1,2}_a (out, r)``,               face-splitting × Khatri–Rao products
+           ``hada_w{1,2}_b (r, in·K)``; conv CP:     (width r²); ``alpha/r``
+           ``hada_t{1,2} (r, r, kh, kw)``,
+           ``hada_w_a (r, out)``, ``hada_w_b (r, in)``
+LOKR       ``lokr_w1 (a, c)`` or ``lokr_w1_a/_b``;   Kronecker products of the factors'
+           ``lokr_w2 (b, d[, kh, kw])`` or           factors (width k1·k2); ``alpha/r``
+           ``lokr_w2_a/_b`` or Tucker ``lokr_t2``
+=========  ========================================  ==========================================
 
-``lora_A``/``lora_B`` are ``nn.Linear`` weights, so they are in Linear orientation even for GPT-2
-``Conv1D`` (``fan_in_fan_out`` only says the *base* weight is stored transposed). peft's embedding
-delta is ``(B @ A).T · s`` in the embedding's ``(num_embeddings, embedding_dim)`` orientation, so it
-is normalized to ``A' = lora_embedding_B.T``, ``B' = lora_embedding_A.T``. Conv LoRA factors
-``(r, in, kh, kw)`` / ``(out, r, 1, 1)`` become ``(r, in·kh·kw)`` / ``(out, r)``.
+Orientation: ``lora_A``/``lora_B`` are ``nn.Linear`` weights, so they are in Linear orientation
+even for GPT-2 ``Conv1D`` (``fan_in_fan_out`` only says the *base* weight is stored transposed).
+peft's embedding delta is ``(B @ A).T · s`` in the embedding's ``(num_embeddings,
+embedding_dim)`` orientation, so it is normalized to ``A' = lora_embedding_B.T``,
+``B' = lora_embedding_A.T``; its DoRA magnitude (one norm per embedding column, over the vocab)
+is then ``axis="in"``. Conv factors ``(r, in, kh, kw)`` / ``(out, r, 1, 1)`` become
+``(r, in·kh·kw)`` / ``(out, r)``.
+
+Every other ``peft_type`` (IA3, OFT, prompt tuning, ...) is refused with one line saying what
+its update is. A tensor that the family does not define is refused, never skipped; whole weights
+peft saves beside the adapter (``modules_to_save``, embeddings, ``bias="all"``) are listed in
+:attr:`Adapter.full_weights`.
 """
 
 from __future__ import annotations
@@ -21,20 +50,28 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from lorascope.adapter import Adapter, LoraModule
+from lorascope.adapter import Adapter, LoraModule, Magnitude, parse_kind, parse_layer
 from lorascope.errors import FormatError, ShapeError
+from lorascope.families import (
+    full_as_factors,
+    hadamard_factors,
+    kron_factors,
+    row_scale,
+    tucker_factors,
+)
 from lorascope.formats._common import (
     PEFT_PREFIX,
     Probe,
     ReadOptions,
+    check_tensors,
     make_module,
     missing_partner,
     one_line,
@@ -81,6 +118,74 @@ _DEFAULT_CONFIG: dict[str, Any] = {
     "use_dora": False,
     "layer_replication": None,
 }
+
+# What each peft_type this reader does not read does to a weight (peft 0.21: each tuner's
+# config.py and layer.py), for its one-line refusal.
+_MULTIPLICATIVE = {
+    "IA3": "W' = W ⊙ l: a learned vector rescales output rows (input columns in feed-forward)",
+    "OFT": "W' = W Rᵀ with R block-diagonal orthogonal on the input dimension",
+    "BOFT": "W' = (W Rᵀ)·s with R a product of butterfly orthogonal matrices",
+    "HRA": "W' = W H with H a product of Householder reflections",
+    "ROAD": "W' = R W: 2×2 rotations and scalings of pairs of output features",
+    "HIRA": "W' = W + W ⊙ (B A): a low-rank matrix applied to W by Hadamard product",
+    "GLORA": "W' = W + W ⊙ A + B: terms that depend on the base weight",
+    "DEFT": "W' = (I − P) W + Q R: a learned output subspace of W projected out and replaced",
+    "FROD": "W' = U (S_sparse + diag λ) Vᵀ, built from a decomposition of W",
+    "PEANUT": "ΔW = MLP(Wᵀ)ᵀ: a small network applied to the base weight",
+}
+_PROMPT = {
+    "PROMPT_TUNING": "learned virtual tokens prepended to the input",
+    "MULTITASK_PROMPT_TUNING": "learned virtual tokens, shared across tasks",
+    "P_TUNING": "virtual tokens produced by a prompt encoder",
+    "PREFIX_TUNING": "learned key/value prefixes in every attention layer",
+    "CPT": "context-aware prompt tokens",
+    "ADAPTION_PROMPT": "LLaMA-Adapter prompt tokens behind a zero-initialized attention gate",
+    "CARTRIDGE": "a trained KV-cache prefix",
+}
+_UNSUPPORTED = {
+    "MISS": "shard-sharing ΔW, one trained block tiled along the input dimension",
+    "OSF": "trains the low singular subspace of W; its update needs the base weight's SVD",
+    "ADAMSS": "SVD subspace clusters of W with frozen factors from the base weight",
+    "PSOFT": "ΔW = s·B (R − I) A with A, B from the base weight's SVD (not saved)",
+    "TINYLORA": "ΔW = B (Σ vᵢ Pᵢ) A with B, A from the base weight's SVD",
+    "DELORA": "a normalized low-rank update scaled by the base weight's column norms",
+    "RANDLORA": "fixed random bases with trained diagonal scalings; full rank in general",
+    "PVERA": "VeRA with a sampled half of the shared projections",
+    "VBLORA": "LoRA factors assembled from a shared vector bank by top-k mixtures",
+    "UNILORA": "LoRA factors gathered from one shared trainable vector",
+    "GRALORA": "a k×k grid of block-wise low-rank adapters",
+    "SHIRA": "a sparse high-rank ΔW at fixed indices",
+    "SUPERTUNING": "a sparse scatter of trained values at positions chosen from W",
+    "FOURIERFT": "ΔW = inverse FFT of a sparse trained spectrum (dense, full rank)",
+    "WAVEFT": "ΔW = inverse wavelet transform of sparse trained coefficients (dense, full rank)",
+    "C3A": "a block-circulant ΔW from trained circular-convolution kernels",
+    "LILY": "an input-dependent router mixing up-projections; no static ΔW",
+    "POLY": "a task-routed mixture of LoRA modules; ΔW depends on the task id",
+    "XLORA": "a mixture of LoRA experts scaled per token by a learned classifier",
+    "BEFT": "trains bias vectors only; no weight update",
+    "LN_TUNING": "trains copies of the normalization layers; no low-rank update",
+    "TRAINABLE_TOKENS": "selected embedding rows replaced by trained vectors",
+    "SHADOW": "a parallel trainable network in each block; input-dependent",
+}
+# LoraConfig fields that turn on a variant whose saved factors are not the whole static ΔW.
+_LORA_VARIANTS = {
+    "alora_invocation_tokens": "aLoRA acts only on tokens after its invocation sequence",
+    "use_qalora": "QALoRA's lora_A acts on the input pooled in groups",
+    "use_bdlora": "BD-LoRA stores a block-diagonal lora_A or lora_B in packed form",
+    "arrow_config": "Arrow routes each token through a mixture of LoRA experts",
+    "kasa_config": "KaSA inserts a learned diagonal and truncates the base weight's SVD",
+    "trainable_token_indices": "trainable tokens replace embedding rows outside the LoRA factors",
+}
+# Components of a key that name a tuner's tensor: such a key is never a whole model weight.
+_TUNER_PART = re.compile(
+    r"^(lora_|hada_|lokr_|vera_|ia3_|oft_|boft_|hra_|ranknum$|token_adapter$|trainable_tokens)"
+)
+_ADALORA_PARAMS = ("lora_A", "lora_B", "lora_E")
+_VERA_PARAMS = ("vera_lambda_b", "vera_lambda_d")
+_VERA_SHARED = ("vera_A", "vera_B")
+_LOHA_PARAMS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+_LOKR_PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+_ADALORA_EPS = 1e-5  # peft SVDLinear.get_delta_weight: scaling / (ranknum + 1e-5)
 
 
 def pattern_key(patterns: Iterable[str], name: str, source: object = "") -> str | None:
@@ -130,7 +235,8 @@ def config_number(
         or not math.isfinite(value)
         or (positive and value <= 0)
     ):
-        raise FormatError(f"{source}: {field}={value!r} is not a positive finite number")
+        what = "a positive finite" if positive else "a finite"
+        raise FormatError(f"{source}: {field}={value!r} is not {what} number")
     return value
 
 
@@ -145,105 +251,885 @@ def read_pattern(config: dict, field: str, source: Path) -> dict[str, Any]:
 
 
 def read_peft(
-    path: str | Path, *, alpha: float | None = None, fan_in_fan_out: bool | None = None
+    path: str | Path,
+    *,
+    alpha: float | None = None,
+    fan_in_fan_out: bool | None = None,
+    in_features: Mapping[str, int] | None = None,
 ) -> Adapter:
-    """Read a PEFT LoRA adapter (directory, or its ``adapter_model.safetensors``/``.bin``).
+    """Read a PEFT adapter (directory, or its ``adapter_model.safetensors``/``.bin``).
 
     Parameters
     ----------
     path : str or Path
         The ``save_pretrained`` directory, or the weights file beside its ``adapter_config.json``.
     alpha : float, optional
-        Overrides ``lora_alpha`` and ``alpha_pattern`` for every module.
+        Overrides ``lora_alpha`` (LoHa/LoKr: ``alpha``) and ``alpha_pattern`` for every module.
     fan_in_fan_out : bool, optional
         Overrides the config's ``fan_in_fan_out`` (orientation of the *base* weights).
+    in_features : mapping of str to int, optional
+        Each module's input size, by module name. Only VeRA needs it: it slices the shared
+        ``vera_A`` ``(r, max_in)`` to ``[:, :in_features]``, and only the base model records
+        ``in_features``.
 
     Returns
     -------
     Adapter
-        One :class:`LoraModule` per adapted weight: ``A`` ``(r, d_in)``, ``B`` ``(d_out, r)``,
-        ``scale = alpha / r`` (rsLoRA ``alpha / sqrt(r)``), per-module rank and alpha resolved
-        from ``rank_pattern`` / ``alpha_pattern`` the way peft matches them.
+        One :class:`LoraModule` per adapted weight (per expert for ``target_parameters``) in the
+        exact factored form of its family (see the module docstring); ``config`` is the
+        adapter_config.json as read (AdaLoRA adds ``pruned_modules``: the modules pruned to rank
+        0, whose ΔW is zero and which are left out).
+
+    Raises
+    ------
+    FormatError
+        A ``peft_type`` that is not LoRA, AdaLoRA, VeRA, LoHa or LoKr (the message says what its
+        update is); a LoRA variant whose factors are not the whole update; a tensor the family
+        does not define; VeRA without its projections or ``in_features``.
+    ShapeError
+        Factors that do not fit together, or ranks that disagree with the config.
     """
     weights, config_path = _resolve(Path(path))
     config = read_json(config_path)
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise FormatError(
-            f"{config_path}: peft_type {peft_type} is not LoRA (its update is not s·B A)"
-        )
-    r_default = int(config_number(config, "r", 8, config_path))
-    alpha_default = config_number(config, "lora_alpha", 8, config_path)
-    rank_pattern = read_pattern(config, "rank_pattern", config_path)
-    alpha_pattern = read_pattern(config, "alpha_pattern", config_path)
-    use_rslora = bool(config.get("use_rslora", False))
-    ffo_default = bool(config.get("fan_in_fan_out", False))
-
+    peft_type = str(config.get("peft_type") or "LORA").upper()
+    family = _FAMILIES.get(peft_type)
+    if family is None:
+        raise FormatError(_refusal(config_path, peft_type))
+    ctx = _Ctx(weights, config_path, config, peft_type, alpha, fan_in_fan_out, in_features)
     tensors, _meta = read_tensors(weights)
-    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    adapters, others, biases, dora = set(), [], [], []
+    modules, full, extra = family(ctx, tensors)
+    if full:
+        warn(
+            weights,
+            f"ignoring {len(full)} non-{_LABELS[peft_type]} tensor(s) (modules_to_save / full "
+            f"weights), e.g. {full[0]}",
+        )
+    if not modules:
+        some = ", ".join(list(tensors)[:3]) or "none"
+        raise FormatError(f"{weights}: no {_LABELS[peft_type]} tensors found (keys: {some})")
+    return Adapter(
+        modules=modules,
+        path=str(path),
+        format="peft",
+        config={**config, **extra},
+        full_weights=tuple(full),
+    )
+
+
+_LABELS = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "VERA": "VeRA", "LOHA": "LoHa", "LOKR": "LoKr"}
+
+
+def _refusal(config_path: Path, peft_type: str) -> str:
+    """The one-line refusal of a ``peft_type`` this reader does not read."""
+    shown = peft_type if re.fullmatch(r"[A-Z0-9_]{1,40}", peft_type) else repr(peft_type[:40])
+    head = f"{config_path}: peft_type {shown}"
+    if peft_type in _MULTIPLICATIVE:
+        what = _MULTIPLICATIVE[peft_type]
+        return f"{head} is multiplicative, not an additive low-rank update: {what}"
+    if peft_type in _PROMPT:
+        return f"{head} has no weight update: {_PROMPT[peft_type]}"
+    what = _UNSUPPORTED.get(peft_type, "not a PEFT type this version of lorascope knows")
+    return f"{head} is not supported: {what}"
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """What every family reader needs: where it reads, the config, and the caller's overrides."""
+
+    weights: Path
+    config_path: Path
+    config: dict
+    peft_type: str
+    alpha: float | None
+    ffo: bool | None
+    in_features: Mapping[str, int] | None
+
+    def ffo_for(self, default: bool = False) -> bool:
+        """The base weights' orientation: the override, else the config's ``fan_in_fan_out``."""
+        if self.ffo is not None:
+            return self.ffo
+        return bool(self.config.get("fan_in_fan_out", default))
+
+    def r_alpha(
+        self, key: str, r_default: int, alpha_default: float, ranks: dict, alphas: dict
+    ) -> tuple[int, float, str]:
+        """``(r, alpha, where r came from)`` for pattern key ``key``, resolved as peft does."""
+        r_key = pattern_key(ranks, key, self.config_path)
+        r = int(ranks[r_key]) if r_key is not None else r_default
+        where = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
+        if self.alpha is not None:
+            return r, float(self.alpha), where
+        a_key = pattern_key(alphas, key, self.config_path)
+        return r, float(alphas[a_key] if a_key is not None else alpha_default), where
+
+    def rank_error(self, key: str, got: int, where: str, expected: int, name: str) -> ShapeError:
+        return ShapeError(
+            f"{self.weights}: {key} has rank {got} but {self.config_path.name} gives "
+            f"{where}={expected} for {name}"
+        )
+
+
+def _one_adapter(ctx: _Ctx, adapters: set[str]) -> None:
+    if len(adapters) > 1:
+        raise FormatError(
+            f"{ctx.weights}: holds several adapters ({', '.join(sorted(adapters))}); save one"
+        )
+
+
+def _full_weight(ctx: _Ctx, key: str) -> str:
+    """``key`` if it is a whole model weight peft saved beside the adapter, else a refusal.
+
+    peft saves ``modules_to_save`` copies (``<module>.<param>``), the embeddings
+    (``save_embedding_layers``: ``embed_tokens.weight``, ``...base_layer.weight``) and, with
+    ``bias="all"``/``"lora_only"``, biases: a ``.weight``/``.bias`` key, or any key under a
+    ``modules_to_save`` module, that names no tuner tensor. Anything else is a tensor of some
+    family or variant this reader does not read: refused, never skipped.
+    """
+    parts = key.removeprefix(PEFT_PREFIX).split(".")
+    module = "." + ".".join(parts[:-1]) + "."
+    saved = ctx.config.get("modules_to_save") or []
+    saved = [saved] if isinstance(saved, str) else saved
+    whole = not any(_TUNER_PART.match(p) for p in parts) and (
+        parts[-1] in ("weight", "bias")
+        or any(isinstance(m, str) and f".{m}." in module for m in saved)
+    )
+    if not whole:
+        raise FormatError(
+            f"{ctx.weights}: {key} is not a {_LABELS[ctx.peft_type]} tensor nor a whole model "
+            f"weight (peft_type {ctx.peft_type}); refusing it rather than skipping it"
+        )
+    return key
+
+
+def _split_key(key: str, params: tuple[str, ...]) -> tuple[str, str, str | None] | None:
+    """``(module name, param, adapter name)`` of a ``ParameterDict`` key
+    ``base_model.model.<name>.<param>`` (as saved) or ``<name>.<param>.<adapter>`` (a raw
+    ``state_dict``); None for any other key."""
+    parts = key.split(".")
+    if len(parts) > 1 and parts[-1] in params:
+        return ".".join(parts[:-1]).removeprefix(PEFT_PREFIX), parts[-1], None
+    if len(parts) > 2 and parts[-2] in params and parts[-1] not in ("weight", "bias"):
+        return ".".join(parts[:-2]).removeprefix(PEFT_PREFIX), parts[-2], parts[-1]
+    return None
+
+
+_Groups = dict[str, dict[str, tuple[str, torch.Tensor]]]
+
+
+def _collect(ctx: _Ctx, tensors: dict[str, torch.Tensor], params: tuple[str, ...]):
+    """The family's tensors grouped by module (``{name: {param: (key, tensor)}}``), in file
+    order, and the whole weights beside them (:func:`_full_weight`)."""
+    groups: _Groups = {}
+    full: list[str] = []
+    adapters: set[str] = set()
+    for key, t in tensors.items():
+        hit = _split_key(key, params)
+        if hit is None:
+            full.append(_full_weight(ctx, key))
+            continue
+        name, param, adapter = hit
+        if adapter is not None:
+            adapters.add(adapter)
+        groups.setdefault(name, {})[param] = (key, t)
+    _one_adapter(ctx, adapters)
+    return groups, full
+
+
+def _require(ctx: _Ctx, name: str, p: dict, needed: Iterable[str], family: str) -> None:
+    missing = [x for x in needed if x not in p]
+    if missing:
+        have = next(iter(p.values()))[0]
+        raise ShapeError(
+            f"{ctx.weights}: {have} has no partner {name}.{missing[0]} ({family} stores "
+            f"{', '.join(needed)})"
+        )
+
+
+def _numel(p: dict) -> int:
+    return int(sum(t.numel() for _k, t in p.values()))
+
+
+# ----------------------------------------------------------------------------- LoRA, DoRA
+
+
+def _read_lora(ctx: _Ctx, tensors: dict[str, torch.Tensor]):
+    """LoRA (rsLoRA, rank/alpha patterns), DoRA, and ``target_parameters`` experts."""
+    cfg, src, weights = ctx.config, ctx.config_path, ctx.weights
+    for field, why in _LORA_VARIANTS.items():
+        if cfg.get(field):
+            raise FormatError(
+                f"{src}: {field} is set: {why}, so the saved factors are not the whole update "
+                "(not supported)"
+            )
+    opts = _LoraOptions(
+        r=int(config_number(cfg, "r", 8, src)),
+        alpha=config_number(cfg, "lora_alpha", 8, src),
+        ranks=read_pattern(cfg, "rank_pattern", src),
+        alphas=read_pattern(cfg, "alpha_pattern", src),
+        rslora=bool(cfg.get("use_rslora", False)),
+        dora=bool(cfg.get("use_dora", False)),
+        ffo=bool(cfg.get("fan_in_fan_out", False)),
+    )
+    groups: _Groups = {}
+    full, biases, adapters = [], [], set()
     for key, t in tensors.items():
         parsed = parse_lora_key(key)
         if parsed is None:
-            others.append(key)
+            full.append(_full_weight(ctx, key))
             continue
         name, role, adapter_name, param = parsed
         if adapter_name is not None:
             adapters.add(adapter_name)
-        if role == "magnitude":
-            dora.append(key)
-        elif param == "bias":
+        if param == "bias":
             biases.append(key)
         else:
             groups.setdefault(name, {})[role] = (key, t)
-    if len(adapters) > 1:
-        raise FormatError(
-            f"{weights}: holds several adapters ({', '.join(sorted(adapters))}); save one"
-        )
+    _one_adapter(ctx, adapters)
 
-    init = config.get("init_lora_weights", True)
+    init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(MUTATING_INITS):
         warn(
             weights,
             f"init_lora_weights={init!r} also changed the base weights: "
             "s·B A is not the whole update",
         )
-    if dora or config.get("use_dora"):
-        warn(
-            weights,
-            "DoRA adapter: its magnitude vector rescales W0 + s·B A, "
-            "so s·B A is not the whole update",
-        )
     if biases:
         warn(weights, f"ignoring {len(biases)} LoRA bias tensor(s) (lora_bias), e.g. {biases[0]}")
-    if others:
+
+    targets = cfg.get("target_parameters") or []
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise FormatError(f"{src}: target_parameters should be a list of names, got {targets!r}")
+    wrapped: dict[str, dict[int, str]] = {}  # module -> nesting depth -> group name
+    for name in groups:
+        base, depth = _unwrap(name)
+        if depth or _param_candidates(base, targets):
+            wrapped.setdefault(base, {})[depth] = name
+    modules: list[LoraModule] = []
+    emitted: set[str] = set()
+    for name, roles in groups.items():
+        base, _depth = _unwrap(name)
+        if base not in wrapped:
+            modules.append(_lora_module(ctx, name, roles, opts))
+        elif base not in emitted:  # all of a module's wrappers at once, where it first appears
+            emitted.add(base)
+            levels = {d: (n, groups[n]) for d, n in wrapped[base].items()}
+            modules.extend(_expert_modules(ctx, base, levels, targets, opts))
+    return modules, full, {}
+
+
+@dataclass(frozen=True)
+class _LoraOptions:
+    r: int
+    alpha: float
+    ranks: dict
+    alphas: dict
+    rslora: bool
+    dora: bool
+    ffo: bool
+
+
+def _stored_rank(roles: dict[str, tuple[str, torch.Tensor]]) -> int | None:
+    for role in ("A", "emb_A"):
+        if role in roles and roles[role][1].ndim >= 1:
+            return int(roles[role][1].shape[0])
+    return None
+
+
+def _lora_module(ctx: _Ctx, name: str, roles: dict, opts: _LoraOptions) -> LoraModule:
+    """One LoRA or DoRA module: factors as stored, scale ``α/r`` (``α/√r``), the magnitude.
+
+    DoRA (peft ``tuners/lora/dora.py``, ``variants.py``): ``lora_magnitude_vector`` ``m`` is one
+    norm per output row of ``W + s·B A`` (Linear; GPT-2 ``Conv1D`` after transposing W; conv
+    ``(1, out, 1, 1)`` over ``in·kh·kw``), so ``axis="out"``; for an embedding it is one norm
+    per embedding column over the vocabulary, ``(embedding_dim,)``, which is ``axis="in"`` of
+    ΔW in the embedding's ``(num_embeddings, embedding_dim)`` orientation.
+    """
+    weights = ctx.weights
+    if not roles.keys() & {"A", "B", "emb_A", "emb_B"}:
+        key = next(iter(roles.values()))[0]
+        raise ShapeError(f"{weights}: {key} has no lora_A/lora_B beside it")
+    r_key = pattern_key(opts.ranks, name, ctx.config_path)
+    r_expected = int(opts.ranks[r_key]) if r_key is not None else opts.r
+    stored = _stored_rank(roles)
+    if stored is not None and stored != r_expected:
+        where = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
+        key = roles.get("A", roles.get("emb_A"))[0]
+        raise ctx.rank_error(key, stored, where, r_expected, name)
+    a_key = pattern_key(opts.alphas, name, ctx.config_path)
+    mod_alpha = ctx.alpha if ctx.alpha is not None else float(opts.alphas.get(a_key, opts.alpha))
+    scale = scale_for(mod_alpha, r_expected, opts.rslora)
+
+    mag = roles.get("magnitude")
+    if mag is None and opts.dora:
+        raise FormatError(
+            f"{weights}: {ctx.config_path.name} has use_dora=true but {name} has no "
+            "lora_magnitude_vector (peft would use an untrained magnitude)"
+        )
+    if mag is not None and not opts.dora:
+        raise FormatError(
+            f"{weights}: {mag[0]} is a DoRA magnitude but {ctx.config_path.name} has use_dora=false"
+        )
+    magnitude = None
+    if mag is not None:
+        key, m = mag
+        check_tensors({key: m}, weights)
+        axis = "in" if "emb_A" in roles or "emb_B" in roles else "out"
+        magnitude = Magnitude(m.reshape(-1), axis, key)
+    module = _module(
+        name,
+        roles,
+        weights,
+        ctx.ffo,
+        opts.ffo,
+        alpha=float(mod_alpha),
+        scale=float(scale),
+        family="lora" if magnitude is None else "dora",
+        magnitude=magnitude,
+        n_params=None if mag is None else _numel(roles),
+    )
+    if mag is not None:
+        key, m = mag
+        n = module.d_in if magnitude.axis == "in" else module.d_out
+        if m.numel() != n or sum(int(s) != 1 for s in m.shape) > 1:
+            side = "embedding columns" if magnitude.axis == "in" else "output rows"
+            raise ShapeError(
+                f"{weights}: {key} has shape {shape(m)}; {name} has {n} {side} (one norm each)"
+            )
+    return module
+
+
+def _unwrap(name: str) -> tuple[str, int]:
+    """``(module, depth)``: peft nests a second targeted parameter's wrapper around the first,
+    so their factors sit at ``<module>[.base_layer]*.lora_A``."""
+    depth = 0
+    while name.endswith(".base_layer"):
+        name, depth = name[: -len(".base_layer")], depth + 1
+    return name, depth
+
+
+def _param_candidates(module: str, targets: list[str]) -> list[str]:
+    """Parameters of ``module`` that ``target_parameters`` names, as peft matches them
+    (``BaseTuner._inject_parameters``): ``<module>.<param>`` equal to an entry or ending in
+    ``.<entry>``."""
+    out = []
+    for t in targets:
+        param = t.rpartition(".")[2]
+        key = f"{module}.{param}"
+        if key == t or key.endswith("." + t):
+            out.append(param)
+    return sorted(set(out))
+
+
+def _expert_modules(
+    ctx: _Ctx, base: str, levels: dict, targets: list[str], opts: _LoraOptions
+) -> list[LoraModule]:
+    """LoRA on an ``nn.Parameter`` (``target_parameters``, peft ``lora.ParamWrapper``): one
+    module per expert.
+
+    ``lora_A.weight`` is ``(r·E, in)`` with expert-major rows, ``lora_B.weight`` ``(out, r·E)``
+    with expert-minor columns (``ParamWrapper.get_delta_weight``: ``A.reshape(E, r, in)``,
+    ``B.reshape(out, r, E)``), so expert ``e`` has ``ΔW_e = s · B[:, e::E] @ A[e·r:(e+1)·r]``
+    ``(out, in)``. ``E = rows / r`` (r from the config and its patterns, keyed
+    ``<module>.<param>``). peft stores ``ΔW_e`` in the parameter's orientation, ``(E, out, in)``
+    or, for experts marked ``is_transposed`` (GPT-OSS), ``(E, in, out)``: the file does not
+    say which, so ``fan_in_fan_out`` is None (a 2-D parameter, E = 1, is ``(out, in)``).
+    """
+    weights = ctx.weights
+    cands = _param_candidates(base, targets)
+    names = ", ".join(n for _d, (n, _r) in sorted(levels.items()))
+    if len(levels) > 1:
+        raise FormatError(
+            f"{weights}: {base} carries {len(levels)} nested target_parameters wrappers "
+            f"({', '.join(cands) or 'unnamed'}): peft nests them in the base module's parameter "
+            "registration order, which the file does not record, so which factors belong to "
+            "which parameter cannot be read (not supported)"
+        )
+    ((depth, (name, roles)),) = levels.items()
+    key = next(iter(roles.values()))[0]
+    if depth:
+        raise FormatError(f"{weights}: {key} is nested under .base_layer with nothing around it")
+    if len(cands) != 1:
+        raise FormatError(
+            f"{weights}: {key}: target_parameters {targets} name "
+            f"{'no parameter' if not cands else 'several parameters'} of {base} "
+            f"({', '.join(cands) or names}); which one these factors adapt cannot be read"
+        )
+    if roles.keys() - {"A", "B"}:
+        raise FormatError(
+            f"{weights}: {key}: a target_parameters wrapper holds only lora_A/lora_B (peft "
+            "allows no DoRA or embedding factors there)"
+        )
+    if "A" not in roles or "B" not in roles:
+        have, want = ("A", "B") if "A" in roles else ("B", "A")
+        raise missing_partner(weights, roles[have][0], f"{name}.lora_{want}.weight")
+    param = cands[0]
+    (ka, A), (kb, B) = roles["A"], roles["B"]
+    check_tensors({ka: A, kb: B}, weights)
+    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+        raise ShapeError(
+            f"{weights}: {ka} {shape(A)} and {kb} {shape(B)} do not form B @ A "
+            "(expected (r·E, in) and (out, r·E))"
+        )
+    pkey = f"{base}.{param}"
+    r, alpha, where = ctx.r_alpha(pkey, opts.r, opts.alpha, opts.ranks, opts.alphas)
+    rows = int(A.shape[0])
+    if rows % r:
+        raise ShapeError(
+            f"{weights}: {ka} has {rows} rows, not a multiple of {where}={r} for {pkey} "
+            "(rows = r · number of experts)"
+        )
+    n_exp = rows // r
+    scale = scale_for(alpha, r, opts.rslora)
+    out = []
+    for e in range(n_exp):
+        A_e = A[e * r : (e + 1) * r]  # (r, in): expert-major rows
+        B_e = B[:, e::n_exp].contiguous()  # (out, r): expert-minor columns
+        if n_exp > 1:
+            mod_name = f"{pkey}.{e}"
+        else:  # a 2-D parameter: an ordinary weight ("weight" of a Linear is the module's)
+            mod_name = base if param == "weight" else pkey
+        module = make_module(
+            mod_name,
+            A_e,
+            B_e,
+            alpha=alpha,
+            scale=scale,
+            source=weights,
+            keys=(ka, kb),
+            fan_in_fan_out=None if n_exp > 1 else False,
+            kind=parse_kind(base if param == "weight" else pkey),
+            family="lora",
+            nominal_rank=r,
+            n_params=int(A_e.numel() + B_e.numel()),
+        )
+        out.append(replace(module, layer=parse_layer(pkey)))  # not the expert index
+    return out
+
+
+# ----------------------------------------------------------------------------- AdaLoRA
+
+
+def _read_adalora(ctx: _Ctx, tensors: dict[str, torch.Tensor]):
+    """AdaLoRA (peft ``tuners/adalora``): ``ΔW = B (E ⊙ A) · α / (ranknum + 1e-5)``.
+
+    ``SVDLinear``/``SVDConv2d.get_delta_weight``; ``E`` ``(k, 1)`` scales the rows of ``A``
+    (``k`` the rank kept by the budget: the saved tensors are already pruned,
+    ``resize_state_dict_by_rank_pattern``). ``ranknum`` is not saved: ``PeftModel.from_pretrained``
+    rebuilds each module at its kept rank and copies the creation-time ranknum back
+    (``resize_modules_by_rank_pattern``), so ranknum = ``init_r``, and ``scaling = lora_alpha``
+    (``float(k)`` when ``lora_alpha <= 0``). LoRA's rsLoRA and rank/alpha patterns do not apply;
+    ``rank_pattern`` holds the boolean masks of the kept ranks, checked against the tensors.
+    Modules pruned to rank 0 have ΔW = 0 and are left out (``config["pruned_modules"]``).
+    """
+    cfg, src, weights = ctx.config, ctx.config_path, ctx.weights
+    init_r = int(config_number(cfg, "init_r", 12, src))
+    lora_alpha = (
+        float(ctx.alpha)
+        if ctx.alpha is not None
+        else float(config_number(cfg, "lora_alpha", 8, src, positive=False))
+    )
+    masks = cfg.get("rank_pattern") or {}
+    if not isinstance(masks, dict):
+        raise FormatError(f"{src}: rank_pattern should be a JSON object of kept-rank masks")
+    groups, full = _collect(ctx, tensors, _ADALORA_PARAMS)
+    modules, pruned = [], []
+    for name, p in groups.items():
+        _require(ctx, name, p, _ADALORA_PARAMS, "AdaLoRA")
+        (ka, A), (kb, B), (ke, E) = p["lora_A"], p["lora_B"], p["lora_E"]
+        if (
+            A.ndim != 2
+            or B.ndim != 2
+            or B.shape[1] != A.shape[0]
+            or tuple(E.shape) != (A.shape[0], 1)
+        ):
+            raise ShapeError(
+                f"{weights}: {ka} {shape(A)}, {ke} {shape(E)} and {kb} {shape(B)} do not form "
+                "B (E ⊙ A) (expected (k, in), (k, 1) and (out, k))"
+            )
+        k = int(A.shape[0])
+        mask, mask_key = _adalora_mask(masks, name, init_r, src)
+        expected = sum(bool(b) for b in mask) if mask is not None else init_r
+        if k != expected:
+            where = f"rank_pattern[{mask_key!r}] keeps" if mask is not None else "init_r is"
+            raise ShapeError(f"{weights}: {ke} has rank {k} but {src.name}: {where} {expected}")
+        if k == 0:  # pruned to rank 0 by the budget: ΔW = 0
+            pruned.append(name)
+            continue
+        check_tensors({ka: A, ke: E, kb: B}, weights)
+        A2 = row_scale(E.double().reshape(-1), A.double())  # (k, in): E scales A's rows
+        scaling = lora_alpha if lora_alpha > 0 else float(k)
+        modules.append(
+            make_module(
+                name,
+                A2,
+                B.double(),
+                alpha=lora_alpha,
+                scale=scaling / (init_r + _ADALORA_EPS),
+                source=weights,
+                keys=(ka, kb, ke),
+                fan_in_fan_out=ctx.ffo_for(),
+                family="adalora",
+                nominal_rank=k,
+                n_params=_numel(p),
+            )
+        )
+    if pruned and not modules:
+        raise FormatError(
+            f"{weights}: every AdaLoRA module ({len(pruned)}) was pruned to rank 0: ΔW is zero"
+        )
+    if pruned:
         warn(
             weights,
-            f"ignoring {len(others)} non-LoRA tensor(s) (modules_to_save / full weights), "
-            f"e.g. {others[0]}",
+            f"{len(pruned)} AdaLoRA module(s) pruned to rank 0 (ΔW = 0) left out, e.g. "
+            f"{pruned[0]} (config['pruned_modules'] lists them)",
+        )
+    return modules, full, {"pruned_modules": pruned}
+
+
+def _adalora_mask(masks: dict, name: str, init_r: int, src: Path) -> tuple[list | None, str]:
+    """The kept-rank mask of module ``name`` (saved key ``<name>.lora_E``; an unsaved config may
+    still carry the adapter name, ``<name>.lora_E.<adapter>``)."""
+    stem = f"{name}.lora_E"
+    key = stem if stem in masks else None
+    if key is None:
+        key = next(
+            (k for k in masks if k.startswith(stem + ".") and k.count(".") == stem.count(".") + 1),
+            None,
+        )
+    if key is None:
+        return None, ""
+    mask = masks[key]
+    if (
+        not isinstance(mask, list)
+        or len(mask) != init_r
+        or not all(isinstance(b, bool) or b in (0, 1) for b in mask)
+    ):
+        raise FormatError(
+            f"{src}: rank_pattern[{key!r}] should be a list of init_r={init_r} booleans "
+            "(the ranks AdaLoRA kept)"
+        )
+    return mask, key
+
+
+# ----------------------------------------------------------------------------- VeRA
+
+
+def _read_vera(ctx: _Ctx, tensors: dict[str, torch.Tensor]):
+    """VeRA (peft ``tuners/vera``): ``ΔW = diag(λ_b) vera_B[:out] · diag(λ_d) vera_A[:, :in]``.
+
+    ``vera.layer.Linear.get_delta_weight``: no scaling; the shared frozen projections
+    ``base_model.vera_A`` ``(r, max_in)`` and ``base_model.vera_B`` ``(max_out, r)`` are sliced
+    to each layer's leading ``in``/``out``. ``out`` is ``len(λ_b)``; ``in`` is not in the file
+    (``in_features`` must come from the base model).
+    """
+    cfg, src, weights = ctx.config, ctx.config_path, ctx.weights
+    if ctx.alpha is not None:
+        raise FormatError(f"{weights}: VeRA has no alpha (its update is not scaled); drop it")
+    r = int(config_number(cfg, "r", 256, src))
+    groups, full = _collect(ctx, tensors, _VERA_PARAMS + _VERA_SHARED)
+    shared = groups.pop("base_model", {})
+    for p in groups.values():
+        for param, (key, _t) in p.items():
+            if param in _VERA_SHARED:
+                raise FormatError(
+                    f"{weights}: {key}: a per-layer projection; peft saves only the shared "
+                    "base_model.vera_A / base_model.vera_B"
+                )
+    if "vera_A" not in shared or "vera_B" not in shared:
+        raise FormatError(
+            f"{weights}: no base_model.vera_A / base_model.vera_B (saved with "
+            f"save_projection=false): peft regenerates them from projection_prng_key="
+            f"{cfg.get('projection_prng_key')} with the base model's layer sizes (not supported)"
+        )
+    (k_a, VA), (k_b, VB) = shared["vera_A"], shared["vera_B"]
+    if VA.ndim != 2 or VB.ndim != 2 or VA.shape[0] != r or VB.shape[1] != r:
+        raise ShapeError(
+            f"{weights}: {k_a} {shape(VA)} and {k_b} {shape(VB)} are not (r, max_in) and "
+            f"(max_out, r) with r={r}"
+        )
+    if ctx.in_features is None:
+        raise FormatError(
+            f"{weights}: VeRA slices the shared {k_a} {shape(VA)} to each layer's in_features, "
+            "which only the base model records; read it with the base's layer sizes"
+        )
+    check_tensors({k_a: VA, k_b: VB}, weights)
+    VA64, VB64 = VA.double(), VB.double()
+    modules, max_out, max_in = [], 0, 0
+    for name, p in groups.items():
+        _require(ctx, name, p, _VERA_PARAMS, "VeRA")
+        (kb, lb), (kd, ld) = p["vera_lambda_b"], p["vera_lambda_d"]
+        if lb.ndim != 1 or ld.ndim != 1 or ld.shape[0] != r or lb.shape[0] > VB.shape[0]:
+            raise ShapeError(
+                f"{weights}: {kb} {shape(lb)} and {kd} {shape(ld)} are not (out,) and (r,) with "
+                f"r={r}, out <= {VB.shape[0]}"
+            )
+        d_in = ctx.in_features.get(name)
+        if d_in is None:
+            raise FormatError(f"{weights}: no in_features given for VeRA module {name}")
+        if isinstance(d_in, bool) or not isinstance(d_in, int) or not 0 < d_in <= VA.shape[1]:
+            raise ShapeError(
+                f"{weights}: in_features={d_in!r} for {name} does not fit {k_a} {shape(VA)}"
+            )
+        check_tensors({kb: lb, kd: ld}, weights)
+        d_out = int(lb.shape[0])
+        max_out, max_in = max(max_out, d_out), max(max_in, d_in)
+        B2 = row_scale(lb.double(), VB64[:d_out])  # (out, r): λ_b scales vera_B's rows
+        A2 = row_scale(ld.double(), VA64[:, :d_in])  # (r, in): λ_d scales vera_A's rows
+        modules.append(
+            make_module(
+                name,
+                A2,
+                B2,
+                alpha=None,
+                scale=1.0,
+                source=weights,
+                keys=(kd, kb, k_a, k_b),
+                fan_in_fan_out=ctx.ffo_for(),
+                family="vera",
+                nominal_rank=r,
+                n_params=_numel(p),
+            )
+        )
+    if modules and (max_out, max_in) != (VB.shape[0], VA.shape[1]):
+        raise ShapeError(
+            f"{weights}: the layers reach (out, in) = ({max_out}, {max_in}) but peft sized "
+            f"{k_b} / {k_a} to the largest targeted layer, ({VB.shape[0]}, {VA.shape[1]}): "
+            "wrong in_features, or a file that lost modules"
+        )
+    return modules, full, {}
+
+
+# ----------------------------------------------------------------------------- LoHa, LoKr
+
+
+def _lycoris_options(ctx: _Ctx) -> tuple[int, float, dict, dict]:
+    """``r``, ``alpha`` (LycorisConfig's field names) and their patterns; ``s = alpha / r``
+    always (``LoHaLayer``/``LoKrLayer.update_layer``), no rsLoRA."""
+    cfg, src = ctx.config, ctx.config_path
+    return (
+        int(config_number(cfg, "r", 8, src)),
+        config_number(cfg, "alpha", 8, src),
+        read_pattern(cfg, "rank_pattern", src),
+        read_pattern(cfg, "alpha_pattern", src),
+    )
+
+
+def _read_loha(ctx: _Ctx, tensors: dict[str, torch.Tensor]):
+    """LoHa (peft ``tuners/loha``): ``ΔW = (alpha/r) · (W1a W1b) ⊙ (W2a W2b)``.
+
+    ``LoHaLayer.get_delta_weight`` → ``make_weight`` (flat: ``hada_w_a (out, r)``,
+    ``hada_w_b (r, in·K)``) or ``make_weight_cp`` (conv with ``use_effective_conv2d``:
+    ``einsum("i j k l, j r, i p -> p r k l", t, w_b, w_a)`` with ``hada_w_a (r, out)``,
+    ``hada_w_b (r, in)``, which is :func:`~lorascope.families.tucker_factors`). Each term is
+    ``P Q``; the Hadamard product is ``face_split(P1, P2) @ khatri_rao(Q1, Q2)``, width r².
+    """
+    weights = ctx.weights
+    r_default, alpha_default, ranks, alphas = _lycoris_options(ctx)
+    groups, full = _collect(ctx, tensors, _LOHA_PARAMS)
+    modules = []
+    for name, p in groups.items():
+        r, alpha, where = ctx.r_alpha(name, r_default, alpha_default, ranks, alphas)
+        cp = "hada_t1" in p or "hada_t2" in p
+        _require(ctx, name, p, _LOHA_PARAMS if cp else _LOHA_PARAMS[:4], "LoHa")
+        check_tensors({k: t for k, t in p.values()}, weights)
+        f = {param: t.double() for param, (_k, t) in p.items()}
+        terms = []
+        for i in (1, 2):
+            (ka, _), (kb, _) = p[f"hada_w{i}_a"], p[f"hada_w{i}_b"]
+            a, b = f[f"hada_w{i}_a"], f[f"hada_w{i}_b"]
+            if cp:
+                t = f[f"hada_t{i}"]
+                if (
+                    t.ndim < 3
+                    or a.ndim != 2
+                    or b.ndim != 2
+                    or (a.shape[0], b.shape[0]) != t.shape[:2]
+                ):
+                    raise ShapeError(
+                        f"{weights}: {p[f'hada_t{i}'][0]} {shape(t)}, {ka} {shape(a)} and {kb} "
+                        f"{shape(b)} do not form a Tucker factor (expected (r, r, kh, kw), "
+                        "(r, out), (r, in))"
+                    )
+                P, Q = tucker_factors(t, b, a)  # (out, r), (r, in·kh·kw)
+            else:
+                if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+                    raise ShapeError(
+                        f"{weights}: {ka} {shape(a)} and {kb} {shape(b)} do not form a product"
+                    )
+                P, Q = a, b
+            if P.shape[1] != r:
+                raise ctx.rank_error(ka, int(P.shape[1]), where, r, name)
+            terms.append((P, Q))
+        (P1, Q1), (P2, Q2) = terms
+        if P1.shape[0] != P2.shape[0] or Q1.shape[1] != Q2.shape[1]:
+            raise ShapeError(
+                f"{weights}: {name}: the two Hadamard terms have different shapes "
+                f"({P1.shape[0]}, {Q1.shape[1]}) and ({P2.shape[0]}, {Q2.shape[1]})"
+            )
+        B, A = hadamard_factors(P1, Q1, P2, Q2)  # (out, r²), (r², in·K)
+        keys = (p["hada_w1_b"][0], p["hada_w1_a"][0], *(k for k, _t in p.values()))
+        modules.append(
+            make_module(
+                name,
+                A,
+                B,
+                alpha=alpha,
+                scale=alpha / r,
+                source=weights,
+                keys=tuple(dict.fromkeys(keys)),
+                fan_in_fan_out=ctx.ffo_for(),
+                family="loha",
+                nominal_rank=r,
+                n_params=_numel(p),
+            )
+        )
+    return modules, full, {}
+
+
+def _read_lokr(ctx: _Ctx, tensors: dict[str, torch.Tensor]):
+    """LoKr (peft ``tuners/lokr``): ``ΔW = (alpha/r) · kron(w1, w2)``, reshaped to the weight.
+
+    ``LoKrLayer.get_delta_weight`` → ``make_kron``: ``w1 = lokr_w1`` or ``lokr_w1_a @ lokr_w1_b``
+    (the left factor); ``w2 = lokr_w2`` (full, ``(b, d)`` or a kernel ``(b, d, kh, kw)``, then
+    ``w1`` is unsqueezed to ``(a, c, 1, 1)``), ``lokr_w2_a @ lokr_w2_b`` (``(r, d·K)`` flat), or
+    the Tucker ``make_weight_cp(lokr_t2, lokr_w2_a (r, b), lokr_w2_b (r, d))``. Each factor is
+    ``P Q`` (a full one as ``(I, W)`` or ``(W, I)``) and ``kron(P1 Q1, P2 Q2) =
+    kron(P1, P2) kron(Q1, Q2)`` (:func:`~lorascope.families.kron_factors`), with ``w2``
+    flattened to ``(b, d·K)``. The scale is ``alpha/r`` even when both factors are full.
+    A Conv1d with a full 3-D ``lokr_w2`` lays ΔW out differently (:func:`_kron_conv1d`).
+    """
+    weights = ctx.weights
+    r_default, alpha_default, ranks, alphas = _lycoris_options(ctx)
+    groups, full = _collect(ctx, tensors, _LOKR_PARAMS)
+    modules = []
+    for name, p in groups.items():
+        r, alpha, where = ctx.r_alpha(name, r_default, alpha_default, ranks, alphas)
+        _lokr_check_forms(ctx, name, p)
+        check_tensors({k: t for k, t in p.values()}, weights)
+        f = {param: t.double() for param, (_k, t) in p.items()}
+        low_rank: list[tuple[str, int]] = []  # (key, width) of each low-rank factor, = r
+        if "lokr_w1" in f:
+            w1 = f["lokr_w1"]
+            if w1.ndim != 2:
+                raise ShapeError(f"{weights}: {p['lokr_w1'][0]} has shape {shape(w1)}, not (a, c)")
+            P1, Q1 = full_as_factors(w1)
+        else:
+            P1, Q1 = _lokr_pair(ctx, p, "lokr_w1_a", "lokr_w1_b")
+            low_rank.append((p["lokr_w1_a"][0], int(P1.shape[1])))
+        conv1d_full = None
+        if "lokr_w2" in f:
+            w2 = f["lokr_w2"]
+            if w2.ndim not in (2, 3, 4):
+                raise ShapeError(f"{weights}: {p['lokr_w2'][0]} has shape {shape(w2)}")
+            if w2.ndim == 3:
+                conv1d_full = (int(w2.shape[1]), int(w2.shape[2]))  # (d, k)
+            P2, Q2 = full_as_factors(w2.reshape(w2.shape[0], -1))  # (b, d·K)
+        elif "lokr_t2" in f:
+            t, a, b = f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"]
+            if t.ndim != 4 or a.ndim != 2 or b.ndim != 2 or (a.shape[0], b.shape[0]) != t.shape[:2]:
+                raise ShapeError(
+                    f"{weights}: {p['lokr_t2'][0]} {shape(t)}, {p['lokr_w2_a'][0]} {shape(a)} "
+                    f"and {p['lokr_w2_b'][0]} {shape(b)} do not form a Tucker factor (expected "
+                    "(r, r, kh, kw), (r, b), (r, d))"
+                )
+            P2, Q2 = tucker_factors(t, b, a)  # (b, r), (r, d·kh·kw)
+            low_rank.append((p["lokr_t2"][0], int(t.shape[0])))
+        else:
+            P2, Q2 = _lokr_pair(ctx, p, "lokr_w2_a", "lokr_w2_b")
+            low_rank.append((p["lokr_w2_a"][0], int(P2.shape[1])))
+        for key, width in low_rank:
+            if width != r:
+                raise ctx.rank_error(key, width, where, r, name)
+        if conv1d_full is not None:
+            B, A = _kron_conv1d(P1, Q1, P2, Q2, *conv1d_full)
+        else:
+            B, A = kron_factors(*_packed(P1, Q1, P2, Q2))  # (a·b, k1·k2), (k1·k2, c·d·K)
+        modules.append(
+            make_module(
+                name,
+                A,
+                B,
+                alpha=alpha,
+                scale=alpha / r,
+                source=weights,
+                keys=tuple(k for k, _t in p.values()),
+                fan_in_fan_out=ctx.ffo_for(),
+                family="lokr",
+                nominal_rank=r,
+                n_params=_numel(p),
+            )
+        )
+    return modules, full, {}
+
+
+def _lokr_check_forms(ctx: _Ctx, name: str, p: dict) -> None:
+    """One whole or low-rank form of each Kronecker factor (peft
+    ``LoKrLayer.create_adapter_parameters``)."""
+    w1 = ("lokr_w1" in p, "lokr_w1_a" in p and "lokr_w1_b" in p)
+    w2 = ("lokr_w2" in p, "lokr_w2_a" in p and "lokr_w2_b" in p)
+    loose = [x for x in ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b") if x in p]
+    if (
+        sum(w1) != 1
+        or sum(w2) != 1
+        or ("lokr_t2" in p and not w2[1])
+        or ("lokr_w1" in p and any(x.startswith("lokr_w1_") for x in loose))
+        or ("lokr_w2" in p and any(x.startswith("lokr_w2_") for x in loose))
+    ):
+        have = ", ".join(p)
+        raise ShapeError(
+            f"{ctx.weights}: {name} stores {have}: not one whole or low-rank form of each "
+            "Kronecker factor (lokr_w1 or lokr_w1_a/_b; lokr_w2, lokr_w2_a/_b or +lokr_t2)"
         )
 
-    modules = []
-    for name, roles in groups.items():
-        module = _module(name, roles, weights, fan_in_fan_out, ffo_default)
-        r_key = pattern_key(rank_pattern, name, config_path)
-        r_expected = int(rank_pattern[r_key]) if r_key is not None else r_default
-        if module.rank != r_expected:
-            where = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
-            raise ShapeError(
-                f"{weights}: {module.keys[0]} has rank {module.rank} but {config_path.name} gives "
-                f"{where}={r_expected} for {name}"
-            )
-        a_key = pattern_key(alpha_pattern, name, config_path)
-        mod_alpha = alpha if alpha is not None else float(alpha_pattern.get(a_key, alpha_default))
-        scale = scale_for(mod_alpha, module.rank, use_rslora)
-        modules.append(replace(module, alpha=float(mod_alpha), scale=float(scale)))
-    if not modules:
-        some = ", ".join(list(tensors)[:3]) or "none"
-        raise FormatError(f"{weights}: no lora_A/lora_B tensors found (keys: {some})")
-    return Adapter(
-        modules=modules, path=str(path), format="peft", config=config, full_weights=tuple(others)
-    )
+
+def _lokr_pair(ctx: _Ctx, p: dict, a_name: str, b_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    (ka, a), (kb, b) = p[a_name], p[b_name]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ShapeError(
+            f"{ctx.weights}: {ka} {shape(a)} and {kb} {shape(b)} do not form a product"
+        )
+    return a.double(), b.double()
+
+
+def _kron_conv1d(
+    P1: torch.Tensor, Q1: torch.Tensor, P2: torch.Tensor, Q2: torch.Tensor, d: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of peft's LoKr Conv1d with a full 3-D ``lokr_w2`` ``(b, d, k)``.
+
+    ``make_kron`` calls ``torch.kron(w1 (a, c), w2 (b, d, k))``, which pads ``w1`` to
+    ``(1, a, c)`` and gives ``(b, a·d, c·k)``; reshaped to the weight ``(a·b, c·d, k)`` that is
+    ``ΔW[x·a + i, y·c + j, t] = w1[i, j] · w2[x, y, t]``: ``w2`` is the outer factor and the
+    kernel tap the innermost column index. So ``B' = kron(P2, P1)`` and ``A'`` is
+    ``kron(Q2, Q1)`` ``(k2·k1, (d·k)·c)`` with its columns reordered from ``(y, t, j)`` to
+    ``(y, j, t)``.
+
+    Parameters
+    ----------
+    P1, Q1 : torch.Tensor
+        ``(a, k1)``, ``(k1, c)``: ``w1``.
+    P2, Q2 : torch.Tensor
+        ``(b, k2)``, ``(k2, d·k)``: ``w2`` flattened.
+    """
+    B, A = kron_factors(*_packed(P2, Q2, P1, Q1))  # (b·a, k2·k1), (k2·k1, (d·k)·c)
+    n, c = A.shape[0], Q1.shape[1]
+    A = A.reshape(n, d, k, c).transpose(2, 3).reshape(n, d * c * k)  # column (y·c + j)·k + t
+    return B, A
+
+
+def _packed(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Row-major copies. ``torch.kron`` views its inputs and fails on a tensor that
+    ``is_contiguous()`` but has an odd stride on a size-1 dimension (a transposed ``(1, n)``,
+    e.g. a Tucker factor ``upᵀ`` at r = 1), which ``.contiguous()`` leaves as it is."""
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in ts)
+
+
+_FAMILIES = {
+    "LORA": _read_lora,
+    "ADALORA": _read_adalora,
+    "VERA": _read_vera,
+    "LOHA": _read_loha,
+    "LOKR": _read_lokr,
+}
 
 
 def _module(
@@ -252,17 +1138,18 @@ def _module(
     source: Path,
     ffo_option: bool | None,
     ffo_default: bool,
+    **extra: Any,
 ) -> LoraModule:
-    """Normalize one module's tensors (scale filled in by the caller)."""
+    """Normalize one module's tensors; ``extra`` goes to :func:`make_module` (``scale`` 1 and
+    no ``alpha`` unless given: the writer only checks shapes)."""
+    extra = {"alpha": None, "scale": 1.0, **extra}
     if "A" in roles or "B" in roles:
         if "A" not in roles or "B" not in roles:
             have, want = ("A", "B") if "A" in roles else ("B", "A")
             raise missing_partner(source, roles[have][0], f"{name}.lora_{want}.weight")
         (ka, A), (kb, B) = roles["A"], roles["B"]
         ffo = ffo_option if ffo_option is not None else (ffo_default if A.ndim == 2 else False)
-        return make_module(
-            name, A, B, alpha=None, scale=1.0, source=source, keys=(ka, kb), fan_in_fan_out=ffo
-        )
+        return make_module(name, A, B, source=source, keys=(ka, kb), fan_in_fan_out=ffo, **extra)
     if "emb_A" not in roles or "emb_B" not in roles:
         have, want = ("emb_A", "B") if "emb_A" in roles else ("emb_B", "A")
         raise missing_partner(source, roles[have][0], f"{name}.lora_embedding_{want}")
@@ -277,11 +1164,10 @@ def _module(
         name,
         eB.T,
         eA.T,
-        alpha=None,
-        scale=1.0,
         source=source,
         keys=(kb, ka),
         fan_in_fan_out=False if ffo_option is None else ffo_option,
+        **extra,
     )
 
 
@@ -388,7 +1274,12 @@ def _claims(probe: Probe) -> bool:
 
 
 def _read(probe: Probe, options: ReadOptions) -> Adapter:
-    return read_peft(probe.path, alpha=options.alpha, fan_in_fan_out=options.fan_in_fan_out)
+    return read_peft(
+        probe.path,
+        alpha=options.alpha,
+        fan_in_fan_out=options.fan_in_fan_out,
+        in_features=getattr(options, "in_features", None),  # VeRA; ReadOptions may grow it
+    )
 
 
 LAYOUT = ("peft", _claims, _read, "PEFT save_pretrained: adapter_config.json + adapter_model.*")
