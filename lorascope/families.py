@@ -115,7 +115,8 @@ def kron_factors(
         ``kron(P1, P2)`` ``(a·c, k1·k2)`` and ``kron(Q1, Q2)`` ``(k1·k2, b·d)`` (mixed-product
         property).
     """
-    P1, Q1, P2, Q2 = (t.contiguous() for t in (P1, Q1, P2, Q2))  # torch.kron needs it
+    # torch.kron needs packed row-major inputs (.contiguous() keeps odd strides of (n, 1) views)
+    P1, Q1, P2, Q2 = (t.clone(memory_format=torch.contiguous_format) for t in (P1, Q1, P2, Q2))
     return torch.kron(P1, P2), torch.kron(Q1, Q2)
 
 

@@ -438,7 +438,7 @@ def loaded_tensor(t: torch.Tensor, path: object, key: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- patterns
 
 # Time a whole config's pattern matching may take (PEFT keys are regexes a stranger wrote).
-PATTERN_BUDGET_S = 2.0
+PATTERN_BUDGET_S = 1.0
 
 
 class PatternMatcher:
@@ -447,8 +447,8 @@ class PatternMatcher:
     peft (``utils/other.py``, ``get_pattern_key``) tries each key in order with
     ``re.match(rf"(.*\.)?({key})$", name)``. The same expression runs here on the ``regex``
     engine (compatible with ``re``), with a timeout: a catastrophic pattern such as ``(a+)+$``
-    is a one-line :class:`FormatError` within :data:`PATTERN_BUDGET_S` seconds for the whole
-    config, not a hang.
+    is a one-line :class:`FormatError` within :data:`PATTERN_BUDGET_S` seconds (the first
+    timeout ends the read), not a hang.
     """
 
     def __init__(self, source: object, budget: float = PATTERN_BUDGET_S) -> None:

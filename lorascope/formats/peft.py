@@ -69,6 +69,7 @@ from lorascope.families import (
 )
 from lorascope.formats._common import (
     PEFT_PREFIX,
+    PatternMatcher,
     Probe,
     ReadOptions,
     check_tensors,
@@ -194,15 +195,10 @@ def pattern_key(patterns: Iterable[str], name: str, source: object = "") -> str 
     peft (``utils/other.py``, ``get_pattern_key``) tries each key in order with
     ``re.match(rf"(.*\\.)?({key})$", name)``, ``name`` being the module path without
     ``base_model.model.``; so ``"q_proj"`` matches every ``...q_proj`` and
-    ``"model.layers.0.self_attn.q_proj"`` only that module.
+    ``"model.layers.0.self_attn.q_proj"`` only that module. The match is bounded in time
+    (:class:`~lorascope.formats._common.PatternMatcher`): keys are regexes a stranger wrote.
     """
-    for key in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return key
-        except re.error as e:
-            raise FormatError(f"{source}: pattern {key!r} is not a valid regex: {e}") from None
-    return None
+    return PatternMatcher(source).first(patterns, name)
 
 
 def _resolve(path: Path) -> tuple[Path, Path]:
