@@ -198,3 +198,56 @@ def test_safetensors_claims_are_checked_by_the_reader(tmp_path):
     with pytest.raises(FormatError) as e:
         load_adapter(bad, alpha=1.0)
     one_line(e.value)
+
+
+@pytest.fixture
+def peft_dir(tmp_path):
+    A, B = _pair()
+    d = tmp_path / "peft"
+    d.mkdir()
+    save_file(
+        {
+            "base_model.model.layers.0.q_proj.lora_A.weight": A,
+            "base_model.model.layers.0.q_proj.lora_B.weight": B,
+        },
+        d / "adapter_model.safetensors",
+    )
+    return d
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"use_rslora": "false"}, "use_rslora='false' is not true or false"),
+        ({"fan_in_fan_out": "false"}, "fan_in_fan_out='false' is not true or false"),
+        ({"use_dora": 0}, "use_dora=0 is not true or false"),
+        ({"r": 2.5}, "r=2.5 is not a positive integer"),
+        ({"r": "2"}, "is not a positive integer"),
+        ({"r": 10**400}, "is not a positive integer"),
+        ({"lora_alpha": 10**400}, "is not a positive finite number"),
+        ({"lora_alpha": float("inf")}, "is not a positive finite number"),
+        ({"alpha_pattern": {"q_proj": 10**400}}, "is not a positive finite number"),
+        ({"rank_pattern": {"q_proj": 2.0}}, "is not a positive integer"),
+    ],
+)
+def test_config_values_are_validated_not_coerced(peft_dir, edit, match):
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, **edit}
+    (peft_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=match) as e:
+        load_adapter(peft_dir)
+    assert len(one_line(e.value)) < 400
+
+
+def test_extreme_but_valid_alpha_gives_finite_numbers_or_a_clear_error(peft_dir):
+    for alpha in (1e-300, 1e300):
+        cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": alpha}
+        (peft_dir / "adapter_config.json").write_text(json.dumps(cfg))
+        ad = load_adapter(peft_dir)
+        try:
+            (sp,) = spectrum(ad)
+            (rk,) = rank(ad, RankRule("energy", 0.9))
+        except LoraScopeError as e:
+            one_line(e)
+            continue
+        values = [*sp.singular_values, *sp.energy, sp.frobenius_norm, rk.energy_kept]
+        assert all(math.isfinite(v) for v in values)

@@ -74,6 +74,8 @@ from lorascope.formats._common import (
 from lorascope.formats.peft import (
     CONFIG_FILE,
     MUTATING_INITS,
+    config_bool,
+    config_int,
     config_number,
     pattern_key,
     read_pattern,
@@ -238,20 +240,20 @@ class _Rule:
                     "(not read)"
                 )
         src: Any = where  # config_number / read_pattern only print it
-        self.r = int(config_number(cfg, "r", 8, src))  # LoraConfig defaults
+        self.r = config_int(cfg, "r", 8, src)  # LoraConfig defaults
         self.alpha = float(config_number(cfg, "lora_alpha", 8, src))
         self.rank_pattern = read_pattern(cfg, "rank_pattern", src)
         self.alpha_pattern = read_pattern(cfg, "alpha_pattern", src)
-        self.rslora = bool(cfg.get("use_rslora", False))
-        self.dora = bool(cfg.get("use_dora", False))
-        self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+        self.rslora = config_bool(cfg, "use_rslora", False, src)
+        self.dora = config_bool(cfg, "use_dora", False, src)
+        self.fan_in_fan_out = config_bool(cfg, "fan_in_fan_out", False, src)
         self.init = cfg.get("init_lora_weights", True)
 
     def resolve(self, rel: str) -> tuple[int, float]:
         """``(r, alpha)`` peft gives the module at ``rel`` (its path inside the component)."""
         r_key = pattern_key(self.rank_pattern, rel, self.where)
         a_key = pattern_key(self.alpha_pattern, rel, self.where)
-        r = int(self.rank_pattern[r_key]) if r_key is not None else self.r
+        r = self.r if r_key is None else config_int(self.rank_pattern, r_key, self.r, self.where)
         alpha = float(self.alpha_pattern[a_key]) if a_key is not None else self.alpha
         return r, alpha
 

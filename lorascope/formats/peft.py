@@ -217,6 +217,18 @@ def _resolve(path: Path) -> tuple[Path, Path]:
     return weights, config
 
 
+def _finite(value: Any) -> float | None:
+    """``float(value)`` for a JSON number (not a bool) that is finite as a float, else None:
+    ``1e309`` (read as inf), NaN, and integers too large for a float are all refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return f if math.isfinite(f) else None
+
+
 def config_number(
     config: dict, field: str, default: float | None, source: Path, positive: bool = True
 ) -> float:
@@ -225,15 +237,42 @@ def config_number(
     value = config.get(field, default)
     if value is None:
         value = default
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or (positive and value <= 0)
-    ):
+    f = _finite(value)
+    if f is None or (positive and f <= 0):
         what = "a positive finite" if positive else "a finite"
-        raise FormatError(f"{source}: {field}={value!r} is not {what} number")
+        raise FormatError(f"{source}: {field}={_show(value)} is not {what} number")
+    return value if isinstance(value, int) else f
+
+
+def config_int(config: dict, field: str, default: int, source: Path) -> int:
+    """``config[field]`` (``default`` when absent or null) as PEFT requires a rank: a JSON
+    integer in ``[1, 2³¹)`` (``8.5``, ``"8"``, ``true`` and ``10**400`` are refused)."""
+    value = config.get(field, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+        raise FormatError(f"{source}: {field}={_show(value)} is not a positive integer")
     return value
+
+
+def config_bool(config: dict, field: str, default: bool, source: Path) -> bool:
+    """``config[field]`` (``default`` when absent or null) as a JSON boolean; ``"false"``,
+    ``0`` and the like are refused (``bool("false")`` is True)."""
+    value = config.get(field, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise FormatError(f"{source}: {field}={_show(value)} is not true or false")
+    return value
+
+
+def _show(value: Any) -> str:
+    """``repr`` of a config value, shortened (an integer of 5000 digits is not a message)."""
+    try:
+        text = repr(value)
+    except ValueError:  # int too large to convert to str
+        text = "<an integer too large to print>"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def read_pattern(config: dict, field: str, source: Path) -> dict[str, Any]:
@@ -241,8 +280,11 @@ def read_pattern(config: dict, field: str, source: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise FormatError(f"{source}: {field} should be a JSON object, got {type(value).__name__}")
     for key, v in value.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-            raise FormatError(f"{source}: {field}[{key!r}]={v!r} is not a positive finite number")
+        f = _finite(v)
+        if f is None or f <= 0:
+            raise FormatError(
+                f"{source}: {field}[{key!r}]={_show(v)} is not a positive finite number"
+            )
     return value
 
 
@@ -344,14 +386,14 @@ class _Ctx:
         """The base weights' orientation: the override, else the config's ``fan_in_fan_out``."""
         if self.ffo is not None:
             return self.ffo
-        return bool(self.config.get("fan_in_fan_out", default))
+        return config_bool(self.config, "fan_in_fan_out", default, self.config_path)
 
     def r_alpha(
         self, key: str, r_default: int, alpha_default: float, ranks: dict, alphas: dict
     ) -> tuple[int, float, str]:
         """``(r, alpha, where r came from)`` for pattern key ``key``, resolved as peft does."""
         r_key = pattern_key(ranks, key, self.config_path)
-        r = int(ranks[r_key]) if r_key is not None else r_default
+        r = r_default if r_key is None else config_int(ranks, r_key, r_default, self.config_path)
         where = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
         if self.alpha is not None:
             return r, float(self.alpha), where
@@ -458,13 +500,13 @@ def _read_lora(ctx: _Ctx, tensors: dict[str, torch.Tensor]):
                 "(not supported)"
             )
     opts = _LoraOptions(
-        r=int(config_number(cfg, "r", 8, src)),
+        r=config_int(cfg, "r", 8, src),
         alpha=config_number(cfg, "lora_alpha", 8, src),
         ranks=read_pattern(cfg, "rank_pattern", src),
         alphas=read_pattern(cfg, "alpha_pattern", src),
-        rslora=bool(cfg.get("use_rslora", False)),
-        dora=bool(cfg.get("use_dora", False)),
-        ffo=bool(cfg.get("fan_in_fan_out", False)),
+        rslora=config_bool(cfg, "use_rslora", False, src),
+        dora=config_bool(cfg, "use_dora", False, src),
+        ffo=config_bool(cfg, "fan_in_fan_out", False, src),
     )
     groups: _Groups = {}
     full, biases, adapters = [], [], set()
@@ -545,7 +587,7 @@ def _lora_module(ctx: _Ctx, name: str, roles: dict, opts: _LoraOptions) -> LoraM
         key = next(iter(roles.values()))[0]
         raise ShapeError(f"{weights}: {key} has no lora_A/lora_B beside it")
     r_key = pattern_key(opts.ranks, name, ctx.config_path)
-    r_expected = int(opts.ranks[r_key]) if r_key is not None else opts.r
+    r_expected = opts.r if r_key is None else config_int(opts.ranks, r_key, opts.r, ctx.config_path)
     stored = _stored_rank(roles)
     if stored is not None and stored != r_expected:
         where = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
@@ -718,7 +760,7 @@ def _read_adalora(ctx: _Ctx, tensors: dict[str, torch.Tensor]):
     Modules pruned to rank 0 have ΔW = 0 and are left out (``config["pruned_modules"]``).
     """
     cfg, src, weights = ctx.config, ctx.config_path, ctx.weights
-    init_r = int(config_number(cfg, "init_r", 12, src))
+    init_r = config_int(cfg, "init_r", 12, src)
     lora_alpha = (
         float(ctx.alpha)
         if ctx.alpha is not None
@@ -821,7 +863,7 @@ def _read_vera(ctx: _Ctx, tensors: dict[str, torch.Tensor]):
     cfg, src, weights = ctx.config, ctx.config_path, ctx.weights
     if ctx.alpha is not None:
         raise FormatError(f"{weights}: VeRA has no alpha (its update is not scaled); drop it")
-    r = int(config_number(cfg, "r", 256, src))
+    r = config_int(cfg, "r", 256, src)
     groups, full = _collect(ctx, tensors, _VERA_PARAMS + _VERA_SHARED)
     shared = groups.pop("base_model", {})
     for p in groups.values():
@@ -903,7 +945,7 @@ def _lycoris_options(ctx: _Ctx) -> tuple[int, float, dict, dict]:
     always (``LoHaLayer``/``LoKrLayer.update_layer``), no rsLoRA."""
     cfg, src = ctx.config, ctx.config_path
     return (
-        int(config_number(cfg, "r", 8, src)),
+        config_int(cfg, "r", 8, src),
         config_number(cfg, "alpha", 8, src),
         read_pattern(cfg, "rank_pattern", src),
         read_pattern(cfg, "alpha_pattern", src),

@@ -25,7 +25,13 @@ from lorascope.formats._common import (
     warn,
 )
 from lorascope.formats.loralib import AlphaRule, group_pairs, is_pair_key, modules_from_pairs
-from lorascope.formats.peft import CONFIG_FILE, config_number, pattern_key, read_pattern
+from lorascope.formats.peft import (
+    CONFIG_FILE,
+    config_bool,
+    config_number,
+    pattern_key,
+    read_pattern,
+)
 
 __all__ = ["read_plain"]
 
@@ -39,7 +45,7 @@ def _alpha_rule(path: Path, alpha: float | None) -> tuple[AlphaRule, dict]:
         cfg = read_json(config_path)
         base = config_number(cfg, "lora_alpha", None, config_path)
         patterns = read_pattern(cfg, "alpha_pattern", config_path)
-        rslora = bool(cfg.get("use_rslora", False))
+        rslora = config_bool(cfg, "use_rslora", False, config_path)
 
         def rule(name: str, r: int) -> tuple[float, float]:
             key = pattern_key(patterns, name, config_path)
