@@ -322,7 +322,7 @@ def amplify(
     """How ΔW relates to W (paper §7.3, Table 7): ‖Uᵀ W V‖_F with U, V the top-r singular
     vectors of ΔW, of W, and of a random matrix; ‖W‖_F, ‖ΔW‖_F and the amplification factor
     ‖ΔW‖_F / ‖Uᵀ W V‖_F."""
-    ad = read(delta_path)
+    ad = read(delta_path, base_path)
     base = load_base(base_path)
     results = amplify_api(
         ad,
@@ -418,7 +418,7 @@ def weight_similarity(
     baseline (paper §7.3, Figure 8): does ΔW pick up directions W already emphasises?"""
     from lorascope.analysis import weight_similarity as wsim_api
 
-    ad = read(delta_path)
+    ad = read(delta_path, base_path)
     base = load_base(base_path)
     results = [
         wsim_api(

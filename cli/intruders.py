@@ -94,7 +94,7 @@ def intruders(
     Equivalence", Def. 1): top-k singular vectors y_j of W + ΔW whose best |cos| against every
     singular vector x_i of W is below ε."""
     eps = list(epsilon) or [DEFAULT_EPSILON]
-    ad = read(delta_path)
+    ad = read(delta_path, base_path)
     base = load_base(base_path)
     results = intruders_api(
         ad,

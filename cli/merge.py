@@ -56,7 +56,7 @@ def merge(base_path: Path, delta_path: Path, read, out_path: Path, dtype, force,
     """
     report = merge_adapter(
         base_path,
-        read(delta_path),
+        read(delta_path, base_path),
         out_path,
         dtype=None if dtype is None else OUT_DTYPES[dtype],
         force=force,

@@ -11,7 +11,7 @@ import click
 import torch
 
 from lorascope.adapter import FUSED_PARTS
-from lorascope.formats import FORMATS, load_adapter
+from lorascope.formats import FORMATS, load_adapter, load_base
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -29,7 +29,12 @@ def _parse_enable_lora(value: str | None) -> list[bool] | None:
 
 
 def reading_options(f: Callable) -> Callable:
-    """Options that say how to read an adapter when the file does not."""
+    """Options that say how to read an adapter when the file does not.
+
+    The command gets ``read(path, sizes_from=None)``: ``sizes_from`` (a base checkpoint; the
+    commands that take ``--base`` pass theirs) supplies layer sizes the file does not record
+    (PEFT VeRA), unless ``--sizes-from`` names one.
+    """
 
     @click.option("--alpha", type=float, help="LoRA alpha when the file does not store it.")
     @click.option(
@@ -43,11 +48,26 @@ def reading_options(f: Callable) -> Callable:
         type=click.Choice(list(FORMATS)),
         help="Skip format detection.",
     )
+    @click.option(
+        "--sizes-from",
+        "sizes_from",
+        type=click.Path(path_type=Path),
+        help="Base checkpoint giving layer sizes the adapter does not record (PEFT VeRA).",
+    )
     @functools.wraps(f)
-    def wrapper(*args, alpha, enable_lora, fmt, **kwargs):
-        read = functools.partial(
-            load_adapter, fmt=fmt, alpha=alpha, enable_lora=_parse_enable_lora(enable_lora)
-        )
+    def wrapper(*args, alpha, enable_lora, fmt, sizes_from, **kwargs):
+        flags = _parse_enable_lora(enable_lora)
+
+        def read(path: Path, sizes_from_base: Path | None = None):
+            src = sizes_from or sizes_from_base
+            return load_adapter(
+                path,
+                fmt=fmt,
+                alpha=alpha,
+                enable_lora=flags,
+                in_features=None if src is None else load_base(src).input_sizes(),
+            )
+
         return f(*args, read=read, **kwargs)
 
     return wrapper

@@ -141,7 +141,7 @@ def report(
         progress=not no_progress,
     )
     result = build_report(
-        [read(p) for p in paths],
+        [read(p, base_path) for p in paths],
         base_path,
         out_dir=out_dir,
         seeds=_ints(seeds, "--seeds"),

@@ -319,6 +319,47 @@ def test_vera_with_saved_projections(tmp_path):
         read_peft(tmp_path / "vera", in_features=sizes, alpha=4.0)
 
 
+def test_vera_sizes_from_a_base_checkpoint_and_the_cli(tmp_path):
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from lorascope.cli.main import main
+    from lorascope.formats import load_base
+
+    cfg = VeraConfig(r=8, target_modules=["q_proj", "down_proj"], projection_prng_key=3)
+    reloaded = written(llama, cfg, tmp_path / "vera")
+    base = reloaded.get_base_model()
+    sd = {
+        k.replace(".base_layer", ""): v.detach().clone().contiguous()
+        for k, v in base.state_dict().items()
+        if "vera_" not in k
+    }
+    save_file(sd, tmp_path / "base.safetensors")
+    sizes = load_base(tmp_path / "base.safetensors").input_sizes()
+    assert sizes.get("model.layers.0.mlp.down_proj") == 64
+    assert sizes.get("model.layers.0.self_attn.q_proj") == 32
+    check_all(load_adapter(tmp_path / "vera", in_features=sizes), reloaded, "vera")
+    run = CliRunner().invoke(
+        main,
+        ["spectrum", str(tmp_path / "vera"), "--sizes-from", str(tmp_path / "base.safetensors")],
+    )
+    assert run.exit_code == 0, run.output
+    run = CliRunner().invoke(
+        main,
+        [
+            "amplify",
+            "--base",
+            str(tmp_path / "base.safetensors"),
+            "--delta",
+            str(tmp_path / "vera"),
+            "--json",
+        ],
+    )
+    assert run.exit_code == 0, run.output
+    run = CliRunner().invoke(main, ["spectrum", str(tmp_path / "vera")])
+    assert run.exit_code == 2 and "--sizes-from" in run.output
+
+
 def test_vera_without_saved_projections_is_refused(tmp_path):
     cfg = VeraConfig(r=4, target_modules=["q_proj"], save_projection=False)
     get_peft_model(llama(), cfg).save_pretrained(tmp_path / "v")

@@ -30,7 +30,7 @@ naming the file.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lorascope.adapter import Adapter
@@ -78,6 +78,7 @@ def load_adapter(
     enable_lora: Sequence[bool] | None = None,
     fan_in_fan_out: bool | None = None,
     parts: Sequence[str] | None = None,
+    in_features: Mapping[str, int] | None = None,
 ) -> Adapter:
     """Read an adapter in any supported layout and family, normalized to factored form.
 
@@ -99,6 +100,9 @@ def load_adapter(
         Override the orientation of the *base* weights (True: stored ``(d_in, d_out)``).
     parts : sequence of str, optional
         Names of the fused blocks, in order (default ``("q", "k", "v")`` for three).
+    in_features : mapping of str to int, optional
+        Each module's input size where the file does not record it (PEFT VeRA), e.g.
+        ``load_base(base).input_sizes()``.
 
     Returns
     -------
@@ -133,6 +137,7 @@ def load_adapter(
         enable_lora=None if enable_lora is None else tuple(bool(e) for e in enable_lora),
         fan_in_fan_out=fan_in_fan_out,
         parts=None if parts is None else tuple(parts),
+        in_features=in_features,
     )
     try:
         probe = Probe.of(path)

@@ -288,12 +288,16 @@ class ReadOptions:
         Orientation of the *base* weights (True: stored ``(d_in, d_out)``).
     parts : tuple of str, optional
         Names of a fused projection's blocks, in order.
+    in_features : mapping of str to int, optional
+        Each module's input size, for layouts that do not record it (PEFT VeRA slices one shared
+        projection per layer); :meth:`lorascope.formats.BaseWeights.input_sizes` gives it.
     """
 
     alpha: float | None = None
     enable_lora: tuple[bool, ...] | None = None
     fan_in_fan_out: bool | None = None
     parts: tuple[str, ...] | None = None
+    in_features: Any = None
 
 
 @dataclass

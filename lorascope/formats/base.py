@@ -384,6 +384,12 @@ class BaseWeights:
                 )
         return Placement(key, file, stored, transposed=transposed, rows=module.rows)
 
+    def input_sizes(self) -> _InputSizes:
+        """A lazy mapping ``module name -> d_in`` (``.get(name)``) of the weights a module name
+        matches (as :meth:`weight_for` matches them): a Linear's ``shape[1]``, a conv's
+        ``in·kh·kw``; for readers of layouts that do not record layer sizes (PEFT VeRA)."""
+        return _InputSizes(self)
+
     def weight_for(self, module: LoraModule) -> torch.Tensor:
         """The base weight ``W`` that ``module`` adapts, read alone, in ``nn.Linear`` orientation.
 
@@ -417,6 +423,24 @@ class BaseWeights:
         if p.transposed:  # stored (d_in, D): slice columns, then .T -> (d_out, d_in)
             return self._read(p.key, None if rows is None else (slice(None), rows)).T
         return self._read(p.key, None if rows is None else (rows,))
+
+
+class _InputSizes:
+    """``name -> d_in`` of a base checkpoint's weights, read from headers on demand."""
+
+    def __init__(self, base: BaseWeights) -> None:
+        self._base = base
+
+    def get(self, name: str, default: int | None = None) -> int | None:
+        probe = LoraModule(name, torch.empty(1, 1), torch.empty(1, 1), 1.0)
+        try:
+            key = self._base._find_key(probe)
+        except MissingModuleError:
+            return default
+        stored = self._base._shape(key)
+        if len(stored) < 2:
+            return default
+        return int(torch.Size(stored[1:]).numel())
 
 
 def load_base(path: str | Path) -> BaseWeights:

@@ -888,7 +888,7 @@ def _read_vera(ctx: _Ctx, tensors: dict[str, torch.Tensor]):
     if ctx.in_features is None:
         raise FormatError(
             f"{weights}: VeRA slices the shared {k_a} {shape(VA)} to each layer's in_features, "
-            "which only the base model records; read it with the base's layer sizes"
+            "which only the base model records; give the base (CLI: --sizes-from BASE)"
         )
     check_tensors({k_a: VA, k_b: VB}, weights)
     VA64, VB64 = VA.double(), VB.double()
@@ -1316,7 +1316,7 @@ def _read(probe: Probe, options: ReadOptions) -> Adapter:
         probe.path,
         alpha=options.alpha,
         fan_in_fan_out=options.fan_in_fan_out,
-        in_features=getattr(options, "in_features", None),  # VeRA; ReadOptions may grow it
+        in_features=options.in_features,  # VeRA
     )
 
 
