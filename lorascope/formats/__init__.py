@@ -10,7 +10,13 @@ its families on load and refuses what it cannot read exactly.
 ==========  ================================================================================
 layout      what it reads
 ==========  ================================================================================
-hdf5        lorascope's own ``.h5`` (see :mod:`lorascope.formats.hdf5`)
+hdf5        lorascope's own ``.h5`` (see :mod:`lorascope.formats.hdf5`): every family
+gguf        llama.cpp GGUF LoRA adapters (``convert_lora_to_gguf.py``), dequantized
+mlx         mlx-lm ``adapters.safetensors`` + ``adapter_config.json``: LoRA, DoRA, MoE experts
+torchtune   torchtune's native ``adapter_model.pt`` (``...lora_a.weight``): LoRA, DoRA
+diffusers   ``pytorch_lora_weights.safetensors`` (``save_lora_weights``/``save_lora_adapter``):
+            component-prefixed PEFT keys, ``lora_adapter_metadata``, ``.alpha``, DoRA, and the
+            old attention-processor keys
 peft        a ``save_pretrained`` directory or its weights file: LoRA (rsLoRA, rank/alpha
             patterns, DoRA, ``target_parameters``), AdaLoRA, VeRA, LoHa, LoKr
 kohya       sd-scripts / LyCORIS ``.safetensors``: LoRA/LoCon (Tucker), LoHa, LoKr, DoRA
