@@ -235,7 +235,8 @@ def resize(
     rank-k approximation (truncated SVD from the factors; k by --energy, --nuclear, --ratio or
     --rank), split evenly into new A (k, d_in) and B (d_out, k). Other modules are copied
     unchanged. Writes the input's format: PEFT (rank_pattern/alpha_pattern where ranks differ),
-    kohya (alpha tensors), or a .h5 file; atomically, never over the input."""
+    kohya (alpha tensors), or a .h5 file; atomically, never over the input. For AdaLoRA, VeRA,
+    LoHa and LoKr this is an extraction (plain LoRA out); DoRA is refused."""
     ad = read(adapter)
     check_out(ad, out_path, fmt=to, force=force)  # fail before the SVDs, not after
     save = _SAVE_DTYPES[save_dtype]
@@ -267,8 +268,15 @@ def resize(
         ],
     )
     kept = len(new.modules) - len(results)
+    others = [f for f in ad.families if f != "lora"]
     click.echo(
         f"wrote {out_path} ({fmt}): {_params_line(results)}"
-        + (f"; {kept} other modules copied unchanged" if kept else ""),
+        + (f"; {kept} other modules copied unchanged" if kept else "")
+        + (
+            f"; an extraction: plain LoRA from the exact {'/'.join(others)} update"
+            + (" (unselected modules as their exact factored form)" if kept else "")
+            if others
+            else ""
+        ),
         err=out != "table",
     )
