@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -21,7 +22,9 @@ from lorascope.cli.options import (
     side_option,
 )
 from lorascope.cli.output import print_csv, print_json, print_table, save_plot
+from lorascope.errors import NonFiniteError
 from lorascope.formats import load_base
+from lorascope.linalg import safe_norm
 
 
 def _ident(d: dict) -> list:
@@ -38,6 +41,9 @@ def inspect(adapter: Path, read, layer, module, out) -> None:
     ΔW = s·B' A'; 'r' is the configured rank), parameters, shape, scale, factor norms."""
     ad: Adapter = read(adapter)
     mods = ad.select(layer=layer, module=module)
+    for m in mods:
+        if not all(math.isfinite(safe_norm(t)) for t in (m.A, m.B)):
+            raise NonFiniteError(f"{m.tensor_name()}: the norm of a factor overflows float64")
     rows = [
         {
             "module": m.key,
@@ -53,8 +59,8 @@ def inspect(adapter: Path, read, layer, module, out) -> None:
             "scale": float(m.scale),
             "alpha": m.alpha,
             "dtype": str(m.A.dtype).removeprefix("torch."),
-            "norm_A": float(m.A.double().norm()),
-            "norm_B": float(m.B.double().norm()),
+            "norm_A": safe_norm(m.A),
+            "norm_B": safe_norm(m.B),
             "format": ad.format,
             "source": m.source,
         }

@@ -15,6 +15,7 @@ QR/SVD is either unsupported or loses the small singular values the analyses car
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -316,6 +317,20 @@ def blocked_matmul(
     for i in range(0, m, rows):
         torch.mm(W[i : i + rows].to(dtype), X, out=out[i : i + rows])  # (rows, n) @ (n, b)
     return out
+
+
+def safe_norm(t: torch.Tensor) -> float:
+    """``‖t‖_F`` (2-norm of all entries) without overflow for any finite entries: computed on
+    ``t / c`` with ``c`` the power of two below ``max|t|``, then scaled back; ``inf`` only when
+    the norm itself exceeds float64."""
+    if t.numel() == 0:
+        return 0.0
+    x = t.detach().to(torch.float64)
+    top = float(x.abs().amax())
+    if top == 0.0 or not math.isfinite(top):
+        return top
+    c = 2.0 ** math.floor(math.log2(top))
+    return c * float(torch.linalg.vector_norm(x / c))
 
 
 def frobenius_norm(W: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> float:

@@ -158,6 +158,11 @@ def _region(t: torch.Tensor, p: Placement) -> torch.Tensor:
     return v if p.rows is None else v[p.rows[0] : p.rows[1]]  # a fused part: its rows
 
 
+def _norm(t: torch.Tensor) -> float:
+    """``‖t‖_F`` in float64 (a float32 sum of squares overflows for entries past 1e19)."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
+
+
 def _work_dtype(stored: torch.dtype, out: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in (stored, out) else torch.float32
 
@@ -205,7 +210,7 @@ def merge_tensor(
         base = _region(w0, p)  # (d_out, d_in) view of the stored tensor
         new = merged_weight(m, base, dtype=work)  # W + s·B A; DoRA: rescaled by its magnitude
         _region(acc, p).copy_(new)  # in place, through the view (regions are disjoint)
-        norms_delta.append(float(torch.linalg.vector_norm(new - base)))
+        norms_delta.append(_norm(new - base))
     if not bool(torch.isfinite(acc).all()):
         bad = int((~torch.isfinite(acc)).sum())
         keys = ", ".join(m.key for m, _ in placed)
@@ -220,9 +225,9 @@ def merge_tensor(
     applied = merged.to(work) - w0
     norms = [
         (
-            float(torch.linalg.vector_norm(_region(w0, p))),
+            _norm(_region(w0, p)),
             nd,
-            float(torch.linalg.vector_norm(_region(applied, p))),
+            _norm(_region(applied, p)),
         )
         for (_m, p), nd in zip(placed, norms_delta, strict=True)
     ]
@@ -526,7 +531,8 @@ def _write_index(
 ) -> str:
     """A new ``*.index.json``: the same keys, mapped to the output file names."""
     index = read_json(entry)
-    metadata = dict(index.get("metadata") or {})
+    metadata = index.get("metadata")
+    metadata = dict(metadata) if isinstance(metadata, dict) else {}  # informational only
     metadata["total_size"] = report.bytes_written
     index = {
         **index,

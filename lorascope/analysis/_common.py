@@ -151,6 +151,8 @@ def checked_weight(module: LoraModule, W: torch.Tensor) -> torch.Tensor:
     module otherwise; NaN/Inf were refused when it was read)."""
     if tuple(W.shape) != module.shape:
         raise ShapeError(f"{module.tensor_name()}: base W {tuple(W.shape)} vs ΔW {module.shape}")
+    if not W.is_floating_point():
+        raise ShapeError(f"{module.tensor_name()}: its base weight has dtype {W.dtype}, not float")
     top = float(W.abs().amax()) if W.numel() else 0.0
     if top > _MAX_WEIGHT:
         raise NonFiniteError(

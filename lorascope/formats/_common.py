@@ -414,7 +414,7 @@ def check_regular(path: Path) -> None:
     directory, a dangling or looping link) with a one-line :class:`FormatError`."""
     try:
         st = path.stat()
-    except OSError as e:  # missing, a symlink loop, a name too long, no permission
+    except (OSError, ValueError) as e:  # missing, a link loop, too long, a NUL byte, no access
         raise FormatError(f"{path}: cannot read: {one_line(e)}") from None
     if not stat.S_ISREG(st.st_mode):
         what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
