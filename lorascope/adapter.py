@@ -94,7 +94,9 @@ def parse_layer(name: str) -> int | None:
     ``block``); falls back to the first integer component; ``None`` when there is none.
     """
     m = _LAYER_RE.search(name) or _ANY_INT_RE.search(name)
-    return int(m.group(1)) if m else None
+    if not m or len(m.group(1)) > 9:  # not a block index (a hash, a date, a hostile name)
+        return None
+    return int(m.group(1))
 
 
 def parse_kind(name: str) -> str:

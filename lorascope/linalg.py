@@ -57,7 +57,7 @@ def _upcast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype) if x.dtype != dtype else x
 
 
-def _balance(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def balance(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``X / c`` and ``c``, ``c`` the power of two nearest below ``max|X|`` per matrix
     (``(..., 1, 1)``; 1 for an all-zero matrix): an exact rescaling that keeps the QRs and the
     core SVD of :func:`factored_svd` away from overflow and underflow whatever the size of the
@@ -123,8 +123,8 @@ def factored_svd(
     >>> factored_svd(A, B, scale=0.5).S              # ΔW = 0.5·B@A has one σ = 0.5·2·1
     tensor([1.], dtype=torch.float64)
     """
-    A, ca = _balance(_upcast(A, dtype))  # exact powers of two, (.., 1, 1) each
-    B, cb = _balance(_upcast(B, dtype))
+    A, ca = balance(_upcast(A, dtype))  # exact powers of two, (.., 1, 1) each
+    B, cb = balance(_upcast(B, dtype))
     Qb, Rb = torch.linalg.qr(B)  # (.., out, kb), (.., kb, r)
     Qa, Ra = torch.linalg.qr(A.mT)  # (.., in, ka), (.., ka, r)
     core = Rb @ Ra.mT  # (.., kb, r) @ (.., r, ka) -> (.., kb, ka)
@@ -161,8 +161,8 @@ def factored_svdvals(
     >>> factored_svdvals(A, B, scale=0.5)
     tensor([1.], dtype=torch.float64)
     """
-    A, ca = _balance(_upcast(A, dtype))  # exact powers of two, (.., 1, 1) each
-    B, cb = _balance(_upcast(B, dtype))
+    A, ca = balance(_upcast(A, dtype))  # exact powers of two, (.., 1, 1) each
+    B, cb = balance(_upcast(B, dtype))
     _, Rb = torch.linalg.qr(B, mode="r")  # (.., kb, r)
     _, Ra = torch.linalg.qr(A.mT, mode="r")  # (.., ka, r)
     core = Rb @ Ra.mT  # (.., kb, r) @ (.., r, ka) -> (.., kb, ka)
@@ -186,7 +186,7 @@ def singular_basis(
     (``(m, min(m, n))``), for ``M`` of shape ``(m, n)``. For a LoRA ``A`` (``r×d_in``) the right
     singular vectors span its row space, the paper's default input to φ (Hu et al. 2021 §7.2).
     """
-    M = _upcast(M, dtype)
+    M, _ = balance(_upcast(M, dtype))  # directions only: an exact rescaling keeps them finite
     if M.shape[-2] < M.shape[-1]:
         # LAPACK's SVD of a wide r×d matrix is ~3× slower than of its tall transpose (d = 12288,
         # r = 64: 72 ms vs 25 ms); decompose Mᵀ = V Σ Uᵀ and swap the roles.

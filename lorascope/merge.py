@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -54,6 +55,7 @@ from lorascope.formats import load_adapter, load_base
 from lorascope.formats._common import TORCH_SUFFIXES, check_finite, one_line, read_json
 from lorascope.formats.base import BaseWeights, Placement, write_safetensors
 from lorascope.formats.peft import MUTATING_INITS
+from lorascope.linalg import safe_norm
 from lorascope.update import merged_weight
 
 __all__ = ["MergeReport", "MergedModule", "merge_adapter", "merge_tensor", "OUT_DTYPES"]
@@ -159,8 +161,12 @@ def _region(t: torch.Tensor, p: Placement) -> torch.Tensor:
 
 
 def _norm(t: torch.Tensor) -> float:
-    """``‖t‖_F`` in float64 (a float32 sum of squares overflows for entries past 1e19)."""
-    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
+    """``‖t‖_F`` without overflow (:func:`lorascope.linalg.safe_norm`); a norm beyond float64
+    is an error, never an ``inf`` in the report."""
+    n = safe_norm(t)
+    if not math.isfinite(n):
+        raise NonFiniteError(f"a merged weight's norm overflows float64 ({t.shape[0]} rows)")
+    return n
 
 
 def _work_dtype(stored: torch.dtype, out: torch.dtype) -> torch.dtype:

@@ -24,6 +24,7 @@ from lorascope.analysis._common import (
 )
 from lorascope.errors import ShapeError
 from lorascope.linalg import (
+    balance,
     expected_random_similarity,
     phi_from_cross,
     random_similarity,
@@ -154,7 +155,7 @@ def _factor_phi(
         X = X.to(dtype) if X.dtype != dtype else X
         if X.shape[0] < X.shape[1]:
             return None
-        Xs.append(X)
+        Xs.append(balance(X)[0])  # U = X V S⁻¹ does not depend on X's scale
     parts = []
     for X in Xs:
         _, R = torch.linalg.qr(X, mode="r")  # (r, r)

@@ -104,7 +104,7 @@ def sniff(path: Path) -> str:
     return "unknown"
 
 
-def _pickle_globals(path: Path) -> list[str]:
+def _pickle_globals_unchecked(path: Path) -> list[str]:
     """Names of the globals a pickle asks for, found by reading opcodes (nothing is executed)."""
     try:
         if zipfile.is_zipfile(path):
@@ -132,6 +132,15 @@ def _pickle_globals(path: Path) -> list[str]:
         if stream.tell() >= len(data):
             break
     return found
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """Names of the globals a pickle asks for (for the refusal message only): whatever a
+    damaged file does to the opcode scan, the answer is a list, possibly empty."""
+    try:
+        return _pickle_globals_unchecked(path)
+    except Exception:  # a diagnostic: a broken scan must not mask the refusal
+        return []
 
 
 def torch_load(path: Path, *, mmap: bool = False) -> Any:
@@ -356,6 +365,10 @@ class Probe:
         return (self.path if self.container == "dir" else self.path.parent) / name
 
 
+# The scales (alpha / r, ...) a module may have: real adapters sit within a few orders of 1;
+# beyond this range products with the factors leave float64 long before they mean anything.
+SCALE_RANGE = (1e-30, 1e30)
+
 # A layout's reader: (probe, options) -> Adapter; its detector: probe -> claims it or not.
 Reader = Callable[[Probe, ReadOptions], Any]
 Detector = Callable[[Probe], bool]
@@ -382,9 +395,29 @@ def _depth(obj: Any, limit: int) -> int:
     return deepest
 
 
+def loads_json(text: str | bytes, where: object) -> Any:
+    """Parse JSON text from a file (a config, a metadata string, an HDF5 attribute) within the
+    same bounds as :func:`read_json`: at most :data:`MAX_JSON_BYTES`, nested at most
+    :data:`MAX_JSON_DEPTH` deep; anything else is a one-line :class:`FormatError` naming
+    ``where``."""
+    if not isinstance(text, (str, bytes)):
+        raise FormatError(f"{where}: expected JSON text, got {type(text).__name__}")
+    if len(text) > MAX_JSON_BYTES:
+        raise FormatError(f"{where}: larger than {MAX_JSON_BYTES >> 20} MiB; not a config")
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise FormatError(f"{where}: not valid JSON: nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, the int digit limit
+        raise FormatError(f"{where}: not valid JSON: {one_line(e)}") from None
+    if _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise FormatError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    return data
+
+
 def read_json(path: Path) -> dict:
-    """A JSON object from a regular file of at most :data:`MAX_JSON_BYTES`, nested at most
-    :data:`MAX_JSON_DEPTH` deep, or a one-line :class:`FormatError`.
+    """A JSON object from a regular file (:func:`loads_json`'s bounds), or a one-line
+    :class:`FormatError`.
 
     Numbers are parsed as Python does (``1e309`` becomes ``inf``, integers of more than 4300
     digits are refused); whoever reads a field checks its range (:func:`config_number` and
@@ -393,19 +426,11 @@ def read_json(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_JSON_BYTES + 1)
-        if len(raw) > MAX_JSON_BYTES:
-            raise FormatError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB; not a config file")
-        data = json.loads(raw.decode("utf-8"))
-    except FormatError:
-        raise
-    except RecursionError:
-        raise FormatError(f"{path}: not valid JSON: nested too deeply") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, int digit limit
-        raise FormatError(f"{path}: not valid JSON: {one_line(e)}") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {one_line(e)}") from None
+    data = loads_json(raw, path)
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    if _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-        raise FormatError(f"{path}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
     return data
 
 
@@ -630,6 +655,11 @@ def make_module(
     check_finite(B, source, key_b)
     if not math.isfinite(scale):
         raise NonFiniteError(f"{source}: {key_a}: scale is {scale} (alpha={alpha})")
+    if scale != 0 and not SCALE_RANGE[0] <= abs(scale) <= SCALE_RANGE[1]:
+        raise FormatError(
+            f"{source}: {key_a}: scale {scale:.3g} (alpha={alpha}) is outside "
+            f"[{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}]: not a trained adapter's"
+        )
     return LoraModule(
         name=name,
         A=A,

@@ -125,6 +125,14 @@ def _entry(path: Path) -> Path:
     )
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False (not an exception) for a name too long or with a NUL byte."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _shard(index: Path, name: object) -> Path:
     """The shard file an index names: a relative path inside the index's directory."""
     if not isinstance(name, str) or not name or "\x00" in name:
@@ -196,7 +204,7 @@ class BaseWeights:
     def info(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         """Stored shape and dtype of tensor ``key``, from the header alone (nothing is read)."""
         file = self.file_of(key)
-        if not file.is_file():
+        if not _is_file(file):
             raise FormatError(f"{file}: shard named in the index is missing (for {key})")
         if sniff(file) == "safetensors":
             with open_safetensors(file) as f:
@@ -247,7 +255,7 @@ class BaseWeights:
 
     def _shape(self, key: str) -> tuple[int, ...]:
         file = self._key_file[key]
-        if not file.is_file():
+        if not _is_file(file):
             raise FormatError(f"{file}: shard named in the index is missing (for {key})")
         if sniff(file) == "safetensors":
             with open_safetensors(file) as f:

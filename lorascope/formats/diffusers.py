@@ -46,7 +46,6 @@ variant whose update is not ``s·B A``) is refused with one line.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -61,9 +60,9 @@ from lorascope.formats._common import (
     Probe,
     ReadOptions,
     check_tensors,
+    loads_json,
     make_module,
     missing_partner,
-    one_line,
     parse_lora_key,
     read_tensors,
     scalar,
@@ -199,10 +198,7 @@ def _configs(metadata: dict | None, path: Path) -> tuple[dict[str | None, dict] 
     raw = (metadata or {}).get(METADATA_KEY)
     if raw is None or raw == "":
         return None, None
-    try:
-        data = json.loads(raw)
-    except (TypeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: {METADATA_KEY} is not valid JSON: {one_line(e)}") from None
+    data = loads_json(raw, f"{path}: {METADATA_KEY}")
     if data is None:
         return None, None
     if data == {}:

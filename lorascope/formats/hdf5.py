@@ -33,7 +33,13 @@ import torch
 
 from lorascope.adapter import FAMILIES, Adapter, LoraModule, Magnitude
 from lorascope.errors import FormatError, LoraScopeError
-from lorascope.formats._common import check_regular, check_tensors, make_module, one_line
+from lorascope.formats._common import (
+    check_regular,
+    check_tensors,
+    loads_json,
+    make_module,
+    one_line,
+)
 
 __all__ = ["save_h5", "read_h5", "H5_VERSION"]
 
@@ -41,10 +47,17 @@ H5_FORMAT = "lorascope"
 H5_VERSION = 2
 
 
+_STORED_AS_FLOAT32 = {
+    getattr(torch, n): n
+    for n in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, n)
+}
+
+
 def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str | None]:
     t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
-        return t.float().numpy(), "bfloat16"
+    if t.dtype in _STORED_AS_FLOAT32:  # numpy has no bfloat16 or float8: exact in float32
+        return t.float().numpy(), str(t.dtype).removeprefix("torch.")
     return t.contiguous().numpy(), None
 
 
@@ -180,7 +193,12 @@ def _tensor(g: h5py.Group, label: str, path: Path) -> torch.Tensor:
             f"{where}: declares {ds.nbytes} bytes ({ds.shape}) but the file stores {stored}"
         )
     t = torch.from_numpy(np.asarray(ds[()]))
-    return t.to(torch.bfloat16) if _attr(ds, "dtype", str, path, None) == "bfloat16" else t
+    name = _attr(ds, "dtype", str, path, None)
+    if name is None:
+        return t
+    if name not in _STORED_AS_FLOAT32.values():
+        raise FormatError(f"{where}: attribute dtype={name!r} is not one lorascope writes")
+    return t.to(getattr(torch, name))
 
 
 def read_h5(path: str | Path) -> Adapter:
@@ -226,12 +244,7 @@ def _read(f: h5py.File, path: Path) -> Adapter:
     if not isinstance(group, h5py.Group) or len(group) == 0:
         raise FormatError(f"{path}: no modules in this lorascope HDF5 file")
     text = _attr(f, "config", str, path, "{}")
-    try:
-        config = json.loads(text)
-    except RecursionError:
-        raise FormatError(f"{path}: the config attribute is nested too deeply") from None
-    except ValueError as e:
-        raise FormatError(f"{path}: the config attribute is not JSON: {one_line(e)}") from None
+    config = loads_json(text, f"{path}: the config attribute")
     if not isinstance(config, dict):
         raise FormatError(f"{path}: the config attribute is a {type(config).__name__}, not a dict")
     modules = [_module(group[label], label, path) for label in group]
