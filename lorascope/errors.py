@@ -20,7 +20,22 @@ __all__ = [
 
 
 class LoraScopeError(Exception):
-    """Base class of every error caused by bad input (files, tensors, options)."""
+    """Base class of every error caused by bad input (files, tensors, options).
+
+    The message is kept to one line whatever it quotes: a tensor name or path from a hostile
+    file may hold newlines or other control characters, which are shown escapes (``\\n``)."""
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_printable(args[0]),)
+        super().__init__(*args)
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (newlines, tabs, escapes) written as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class FormatError(LoraScopeError):

@@ -111,7 +111,7 @@ def _h5(tmp_path, edit) -> str:
     path = tmp_path / "a.h5"
     save_h5([LoraModule("m", A, B, 0.5, layer=0, kind="q")], path)
     with h5py.File(path, "r+") as f:
-        edit(f["modules/m"])
+        edit(f["modules/0"])
     return path
 
 

@@ -153,7 +153,7 @@ def checked_weight(module: LoraModule, W: torch.Tensor) -> torch.Tensor:
         raise ShapeError(f"{module.tensor_name()}: base W {tuple(W.shape)} vs ΔW {module.shape}")
     if not W.is_floating_point():
         raise ShapeError(f"{module.tensor_name()}: its base weight has dtype {W.dtype}, not float")
-    top = float(W.abs().amax()) if W.numel() else 0.0
+    top = float((W if W.element_size() > 1 else W.float()).abs().amax()) if W.numel() else 0.0
     if top > _MAX_WEIGHT:
         raise NonFiniteError(
             f"{module.tensor_name()}: its base weight holds values up to {top:.3g}, too large "

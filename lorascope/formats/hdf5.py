@@ -6,8 +6,9 @@ Layout (version 2; version 1 files, without the family attributes, are read too)
                                    adapter_format, adapter_path (where it was read from),
                                    config (the adapter's config as JSON text)
     /modules                group, creation order = adapter order
-    /modules/<key>          one group per module; <key> is LoraModule.key ("name" or "name[q]"),
-                            with "/" written as "%2F"
+    /modules/<i>            one group per module, i = 0, 1, ... in adapter order (version 1
+                            named them by LoraModule.key, "/" written as "%2F"; both are read:
+                            the module's name is its ``name`` attribute)
         A                   dataset (r, d_in)   dtype as in memory (bfloat16 is stored as
         B                   dataset (d_out, r)  float32 with attr dtype = "bfloat16")
         m                   dataset (DoRA only): the magnitude vector, attrs axis ("out"/"in"), key
@@ -93,8 +94,8 @@ def save_h5(adapter_or_modules: Adapter | Iterable[LoraModule], path: str | Path
             for k, v in root.items():
                 f.attrs[k] = v
             group = f.create_group("modules", track_order=True)
-            for m in modules:
-                g = group.create_group(m.key.replace("/", "%2F"))
+            for i, m in enumerate(modules):
+                g = group.create_group(str(i))  # names are attributes: any string fits
                 for label, t in (("A", m.A), ("B", m.B)):
                     data, dtype = _to_numpy(t)
                     ds = g.create_dataset(label, data=data)

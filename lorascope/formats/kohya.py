@@ -267,6 +267,8 @@ def _alpha_scale(
         stored = float(t.detach().reshape(()).double())
         if not math.isfinite(stored):
             raise NonFiniteError(f"{path}: {key} is {stored}")
+    if r <= 0:
+        raise ShapeError(f"{path}: a factor of rank {r} (an empty matrix) is not a LoRA factor")
     a = float(override) if override is not None else (stored if stored != 0 else float(r))
     return a, a / r
 

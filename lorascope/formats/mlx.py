@@ -40,7 +40,6 @@ rank is not ``lora_parameters.rank``.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +58,7 @@ from lorascope.formats._common import (
     scale_for,
     shape,
 )
+from lorascope.formats.peft import finite_number
 
 __all__ = ["read_mlx", "ADAPTER_FILE", "CONFIG_FILE"]
 
@@ -82,14 +82,11 @@ def _resolve(path: Path) -> tuple[Path, Path]:
 
 def _number(params: dict, key: str, source: Path, *, positive: bool) -> float:
     value = params.get(key)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or (positive and value <= 0)
-    ):
-        raise FormatError(f"{source}: lora_parameters.{key}={value!r} is not a finite number")
-    return float(value)
+    f = finite_number(value)
+    if f is None or (positive and f <= 0):
+        shown = repr(value) if not isinstance(value, int) else "an integer out of range"
+        raise FormatError(f"{source}: lora_parameters.{key}={shown[:40]} is not a finite number")
+    return f
 
 
 def _fine_tune_type(cfg: dict, config_path: Path, weights: Path) -> str:

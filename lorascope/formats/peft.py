@@ -84,7 +84,14 @@ from lorascope.formats._common import (
     warn,
 )
 
-__all__ = ["read_peft", "write_peft_adapter", "pattern_key", "ADAPTER_FILES", "CONFIG_FILE"]
+__all__ = [
+    "finite_number",
+    "read_peft",
+    "write_peft_adapter",
+    "pattern_key",
+    "ADAPTER_FILES",
+    "CONFIG_FILE",
+]
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 CONFIG_FILE = "adapter_config.json"
@@ -217,7 +224,7 @@ def _resolve(path: Path) -> tuple[Path, Path]:
     return weights, config
 
 
-def _finite(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
     """``float(value)`` for a JSON number (not a bool) that is finite as a float, else None:
     ``1e309`` (read as inf), NaN, and integers too large for a float are all refused."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -237,7 +244,7 @@ def config_number(
     value = config.get(field, default)
     if value is None:
         value = default
-    f = _finite(value)
+    f = finite_number(value)
     if f is None or (positive and f <= 0):
         what = "a positive finite" if positive else "a finite"
         raise FormatError(f"{source}: {field}={_show(value)} is not {what} number")
@@ -280,7 +287,7 @@ def read_pattern(config: dict, field: str, source: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise FormatError(f"{source}: {field} should be a JSON object, got {type(value).__name__}")
     for key, v in value.items():
-        f = _finite(v)
+        f = finite_number(v)
         if f is None or f <= 0:
             raise FormatError(
                 f"{source}: {field}[{key!r}]={_show(v)} is not a positive finite number"

@@ -31,7 +31,6 @@ is read as PEFT, which has HF names and rows.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from lorascope.formats._common import (
     shape,
     warn,
 )
-from lorascope.formats.peft import ADAPTER_FILES, CONFIG_FILE
+from lorascope.formats.peft import ADAPTER_FILES, CONFIG_FILE, finite_number
 
 __all__ = ["read_torchtune"]
 
@@ -80,12 +79,8 @@ def _resolve(path: Path) -> Path:
 
 
 def _positive(value: Any) -> bool:
-    return (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float))
-        and math.isfinite(value)
-        and value > 0
-    )
+    f = finite_number(value)
+    return f is not None and f > 0
 
 
 def _alpha_source(weights: Path) -> tuple[float | None, int | None, dict]:
