@@ -102,7 +102,13 @@ def precision_options(f: Callable) -> Callable:
 
 def compute_options(f: Callable) -> Callable:
     """:func:`precision_options` and the ``--seed`` of the random baselines / start vectors."""
-    f = click.option("--seed", type=int, default=0, show_default=True, help="Random baselines.")(f)
+    f = click.option(
+        "--seed",
+        type=click.IntRange(0, 2**63 - 1),  # what torch.Generator.manual_seed accepts
+        default=0,
+        show_default=True,
+        help="Random baselines.",
+    )(f)
     return precision_options(f)
 
 

@@ -55,7 +55,7 @@ from lorascope.formats import load_adapter, load_base
 from lorascope.formats._common import TORCH_SUFFIXES, check_finite, one_line, read_json
 from lorascope.formats.base import BaseWeights, Placement, write_safetensors
 from lorascope.formats.peft import MUTATING_INITS
-from lorascope.linalg import safe_norm
+from lorascope.linalg import factored_svdvals, safe_norm
 from lorascope.update import merged_weight
 
 __all__ = ["MergeReport", "MergedModule", "merge_adapter", "merge_tensor", "OUT_DTYPES"]
@@ -216,7 +216,11 @@ def merge_tensor(
         base = _region(w0, p)  # (d_out, d_in) view of the stored tensor
         new = merged_weight(m, base, dtype=work)  # W + s·B A; DoRA: rescaled by its magnitude
         _region(acc, p).copy_(new)  # in place, through the view (regions are disjoint)
-        norms_delta.append(_norm(new - base))
+        if m.is_dora:  # ΔW = W' − W depends on W: measured on the merge itself
+            norms_delta.append(_norm(new - base))
+        else:  # ‖s·B A‖_F exactly from the factors, whatever the working precision rounds
+            S = factored_svdvals(m.A, m.B, m.scale)
+            norms_delta.append(float(torch.linalg.vector_norm(S)))
     if not bool(torch.isfinite(acc).all()):
         bad = int((~torch.isfinite(acc)).sum())
         keys = ", ".join(m.key for m, _ in placed)
