@@ -57,15 +57,21 @@ def _upcast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype) if x.dtype != dtype else x
 
 
-def balance(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``X / c`` and ``c``, ``c`` the power of two nearest below ``max|X|`` per matrix
-    (``(..., 1, 1)``; 1 for an all-zero matrix): an exact rescaling that keeps the QRs and the
-    core SVD of :func:`factored_svd` away from overflow and underflow whatever the size of the
-    stored values (a float64 factor of 1e300 or 1e-300 decomposes like one of 1)."""
-    top = X.abs().amax(dim=(-2, -1), keepdim=True)  # (..., 1, 1)
+def balance(X: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``X / c`` in ``dtype`` (default ``X``'s) and ``c`` (float64, ``(..., 1, 1)``), ``c`` the
+    power of two nearest below ``max|X|`` per matrix (1 for an all-zero matrix).
+
+    An exact rescaling, computed in ``X``'s own precision before any cast, that keeps the QRs
+    and the core SVD of :func:`factored_svd` away from overflow and underflow whatever the
+    size of the stored values: a float64 factor of 1e300 or 1e-300 decomposes like one of 1,
+    also in float32."""
+    dtype = dtype or X.dtype
+    Xw = X if X.dtype in (torch.float32, torch.float64) else X.float()  # fp16/bf16/fp8: exact
+    top = Xw.abs().amax(dim=(-2, -1), keepdim=True)  # (..., 1, 1)
     _, e = torch.frexp(top)
-    c = torch.where(top > 0, torch.ldexp(torch.ones_like(top), e - 1), torch.ones_like(top))
-    return X / c, c
+    one = torch.ones_like(top)
+    c = torch.where(top > 0, torch.ldexp(one, e - 1), one)
+    return (Xw / c).to(dtype), c.to(torch.float64)
 
 
 def _fix_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,8 +129,8 @@ def factored_svd(
     >>> factored_svd(A, B, scale=0.5).S              # ΔW = 0.5·B@A has one σ = 0.5·2·1
     tensor([1.], dtype=torch.float64)
     """
-    A, ca = balance(_upcast(A, dtype))  # exact powers of two, (.., 1, 1) each
-    B, cb = balance(_upcast(B, dtype))
+    A, ca = balance(A, dtype)  # exact powers of two, (.., 1, 1) float64 each
+    B, cb = balance(B, dtype)
     Qb, Rb = torch.linalg.qr(B)  # (.., out, kb), (.., kb, r)
     Qa, Ra = torch.linalg.qr(A.mT)  # (.., in, ka), (.., ka, r)
     core = Rb @ Ra.mT  # (.., kb, r) @ (.., r, ka) -> (.., kb, ka)
@@ -132,7 +138,7 @@ def factored_svd(
     # (Ucᵀ Q_bᵀ)ᵀ: LAPACK's Q is column-major, and this order runs 2-3× faster than Q_b @ U_c
     U = (Uc.mT @ Qb.mT).mT  # ((.., k, kb) @ (.., kb, out))ᵀ -> (.., out, k)
     V = (Vch @ Qa.mT).mT  # ((.., k, ka) @ (.., ka, in))ᵀ -> (.., in, k)
-    S = Sc * (ca * cb).squeeze(-1) * abs(float(scale))  # (.., k): inf if it overflows dtype
+    S = Sc * ((ca * cb).squeeze(-1) * abs(float(scale))).to(Sc.dtype)  # (.., k): inf on overflow
     if scale < 0:  # σ >= 0: move the sign into U
         U = -U
     U, V = _fix_signs(U, V)
@@ -161,12 +167,13 @@ def factored_svdvals(
     >>> factored_svdvals(A, B, scale=0.5)
     tensor([1.], dtype=torch.float64)
     """
-    A, ca = balance(_upcast(A, dtype))  # exact powers of two, (.., 1, 1) each
-    B, cb = balance(_upcast(B, dtype))
+    A, ca = balance(A, dtype)  # exact powers of two, (.., 1, 1) float64 each
+    B, cb = balance(B, dtype)
     _, Rb = torch.linalg.qr(B, mode="r")  # (.., kb, r)
     _, Ra = torch.linalg.qr(A.mT, mode="r")  # (.., ka, r)
     core = Rb @ Ra.mT  # (.., kb, r) @ (.., r, ka) -> (.., kb, ka)
-    return torch.linalg.svdvals(core) * (ca * cb).squeeze(-1) * abs(float(scale))
+    S = torch.linalg.svdvals(core)  # (.., k)
+    return S * ((ca * cb).squeeze(-1) * abs(float(scale))).to(S.dtype)
 
 
 def default_rcond(shape: tuple[int, int], dtype: torch.dtype = torch.float64) -> float:
@@ -186,7 +193,7 @@ def singular_basis(
     (``(m, min(m, n))``), for ``M`` of shape ``(m, n)``. For a LoRA ``A`` (``r×d_in``) the right
     singular vectors span its row space, the paper's default input to φ (Hu et al. 2021 §7.2).
     """
-    M, _ = balance(_upcast(M, dtype))  # directions only: an exact rescaling keeps them finite
+    M, _ = balance(M, dtype)  # directions only: an exact rescaling keeps them finite
     if M.shape[-2] < M.shape[-1]:
         # LAPACK's SVD of a wide r×d matrix is ~3× slower than of its tall transpose (d = 12288,
         # r = 64: 72 ms vs 25 ms); decompose Mᵀ = V Σ Uᵀ and swap the roles.

@@ -292,10 +292,10 @@ def _plan(base: BaseWeights, adapter: Adapter) -> dict[str, list[tuple[LoraModul
                     f"{p.file}: {key}: updated twice, by {ka} and {kb} (rows {a} and {b})"
                 )
         _shape, stored = base.info(key)
-        if not stored.is_floating_point:
+        if not stored.is_floating_point or stored.itemsize < 2:
             raise FormatError(
-                f"{p.file}: {key} is {stored}: merging into quantized or integer weights is not "
-                "supported"
+                f"{p.file}: {key} is {stored}: merging into quantized, float8 or integer weights "
+                "is not supported"
             )
     return groups
 

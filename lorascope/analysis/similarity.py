@@ -152,10 +152,9 @@ def _factor_phi(
         X = m.A.mT if factor == "A" else m.B  # (n, r)
         if device is not None:
             X = X.to(device)
-        X = X.to(dtype) if X.dtype != dtype else X
         if X.shape[0] < X.shape[1]:
             return None
-        Xs.append(balance(X)[0])  # U = X V S⁻¹ does not depend on X's scale
+        Xs.append(balance(X, dtype)[0])  # U = X V S⁻¹ does not depend on X's scale
     parts = []
     for X in Xs:
         _, R = torch.linalg.qr(X, mode="r")  # (r, r)

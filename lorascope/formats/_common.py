@@ -630,6 +630,8 @@ def make_module(
         NaN/Inf in a factor or in the scale.
     """
     key_a, key_b = keys[0], keys[1]
+    if not name.isprintable() or not name:
+        raise FormatError(f"{source}: {key_a}: module name {name!r} is empty or unprintable")
     for key, t in ((key_a, A), (key_b, B)):
         if not t.is_floating_point():
             raise FormatError(
