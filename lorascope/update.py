@@ -129,7 +129,11 @@ def dora_gain(
 
 
 def with_base(
-    module: LoraModule, W: torch.Tensor, *, dtype: torch.dtype = torch.float64
+    module: LoraModule,
+    W: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float64,
+    gain: torch.Tensor | None = None,
 ) -> LoraModule:
     """The module whose factored form is the part of its true update that the factors carry.
 
@@ -137,11 +141,11 @@ def with_base(
     rank-``r`` part ``diag(g)·s·B A`` (axis "out": ``B' = diag(g) B``; axis "in":
     ``A' = A diag(g)``) comes back with ``update="dora-rank-r"``, in ``dtype``; the remaining
     ``diag(g − 1)·W`` is a rescaling of ``W`` itself (:func:`full_update_svdvals` gives the
-    whole update's spectrum).
+    whole update's spectrum). ``gain``: :func:`dora_gain` when the caller has it already.
     """
     if module.magnitude is None or module.update == "dora-rank-r":
         return module
-    g = dora_gain(module, W, dtype=dtype)
+    g = dora_gain(module, W, dtype=dtype) if gain is None else gain
     if module.magnitude.axis == "out":
         B = g.reshape(-1, 1) * module.B.to(device=g.device, dtype=dtype)  # (d_out, r)
         return replace(
@@ -195,13 +199,14 @@ def full_update_svdvals(
     dtype: torch.dtype = torch.float64,
     tol: float = 1e-10,
     seed: int = 0,
+    gain: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, float]:
     """Top-``k`` singular values and the Frobenius norm of DoRA's whole ``ΔW = W' − W``,
     through an operator: ``x ↦ (g−1)⊙(W x) + g⊙(s B (A x))`` (axis "out"), never dense.
 
     ARPACK (``scipy.sparse.linalg.svds``, relative tolerance ``tol``) on that operator; ``W`` is
     applied block by block (:func:`lorascope.linalg.blocked_matmul`). The norm is exact,
-    accumulated one block of rows at a time.
+    accumulated one block of rows at a time. ``gain``: :func:`dora_gain` when the caller has it.
 
     Returns
     -------
@@ -213,12 +218,12 @@ def full_update_svdvals(
     from lorascope.linalg import blocked_matmul
 
     _check(module, W)
-    resolved = with_base(module, W, dtype=dtype)
     axis = module.magnitude.axis if module.magnitude is not None else "out"
     if module.magnitude is None:
         g = torch.ones(module.d_out, dtype=dtype, device=W.device)
     else:
-        g = dora_gain(module, W, dtype=dtype)
+        g = dora_gain(module, W, dtype=dtype) if gain is None else gain
+    resolved = with_base(module, W, dtype=dtype, gain=g)
     A = resolved.A.to(device=W.device, dtype=dtype)  # (r, d_in), g folded in for axis "in"
     B = resolved.B.to(device=W.device, dtype=dtype)  # (d_out, r), g folded in for axis "out"
     s = float(module.scale)

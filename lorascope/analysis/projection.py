@@ -25,7 +25,7 @@ from lorascope.analysis._common import (
 )
 from lorascope.errors import ZeroUpdateError
 from lorascope.linalg import frobenius_norm, projection_norm, random_orthonormal, top_singular
-from lorascope.update import full_update_svdvals, with_base
+from lorascope.update import dora_gain, full_update_svdvals, with_base
 
 __all__ = ["ProjectionResult", "module_amplification", "amplify"]
 
@@ -109,8 +109,9 @@ def module_amplification(
     W = checked_weight(module, W)
     full = None
     if module.is_dora and module.update != "dora-rank-r":
-        full = full_update_svdvals(module, W, module.rank, dtype=dtype, seed=seed)
-        module = with_base(module, W, dtype=dtype)  # the rank-r part diag(g)·s·B A
+        g = dora_gain(module, W, dtype=dtype)  # one pass over W serves both
+        full = full_update_svdvals(module, W, module.rank, dtype=dtype, seed=seed, gain=g)
+        module = with_base(module, W, dtype=dtype, gain=g)  # the rank-r part diag(g)·s·B A
     svd = module_svd(module, dtype=dtype, device=device)
     # W stays in its stored dtype (fp16 for a 12288² W is 302 MB; a float64 copy would be 1.2 GB):
     # every product below upcasts it one block of rows at a time (linalg.blocked_matmul).
