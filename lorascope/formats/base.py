@@ -332,13 +332,6 @@ class BaseWeights:
                         f"{self.path}: {name} matches several weights ({', '.join(keys[:3])})"
                     )
                 return keys[0]
-        stem, _, last = name.rpartition(".")
-        if last.isdigit() and any(k == stem or k.endswith("." + stem) for k in self._key_file):
-            raise MissingModuleError(
-                f"{self.path}: {name} is one expert of the 3-D parameter {stem} (PEFT "
-                "target_parameters); relating a single expert to its base is not supported yet "
-                "(analyses without a base work)"
-            )
         raise MissingModuleError(
             f"{self.path}: no weight for module {name} ({len(self._stems)} weights)"
         )
