@@ -249,7 +249,7 @@ def merge_tensor(
 
 def _refuse_partial(adapter: Adapter) -> None:
     """Adapters whose update is more than ``s·B A``: merging the factors alone would be wrong."""
-    cfg = adapter.config if adapter.format == "peft" else {}
+    cfg = adapter.config if adapter.format in ("peft", "diffusers") else {}
     init = cfg.get("init_lora_weights", True)
     why = None
     if isinstance(init, str) and init.lower().startswith(MUTATING_INITS):

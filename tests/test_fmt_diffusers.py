@@ -634,3 +634,29 @@ def test_cli_spectrum_json_names_family_and_update(sd3_dora_dir, flux_alpha_file
     assert {(r["family"], r["update"]) for r in rows} == {("lora", "full")}
     by_name = {r["module"]: r for r in rows}
     assert by_name["transformer.proj_out"]["scale"] == 2.0
+
+
+def test_merge_refuses_a_lora_bias(tmp_path):
+    """A lora_B.bias changes the layer's bias, which a merge of W alone would drop."""
+    from safetensors.torch import save_file
+
+    from lorascope.merge import merge_adapter
+
+    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        f"{name}.lora_A.weight": torch.randn(2, 8, generator=g),
+        f"{name}.lora_B.weight": torch.randn(8, 2, generator=g),
+        f"{name}.lora_B.bias": torch.randn(8, generator=g),
+    }
+    meta = {"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 2})}
+    save_file(tensors, tmp_path / "pytorch_lora_weights.safetensors", metadata=meta)
+    save_file(
+        {name.removeprefix("unet.") + ".weight": torch.randn(8, 8, generator=g)},
+        tmp_path / "base.safetensors",
+    )
+    with pytest.warns(LoraScopeWarning, match="bias"):
+        adapter = load_adapter(tmp_path / "pytorch_lora_weights.safetensors")
+    with pytest.raises(FormatError, match="LoRA bias"):
+        merge_adapter(tmp_path / "base.safetensors", adapter, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

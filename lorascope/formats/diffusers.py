@@ -408,6 +408,15 @@ def read_diffusers(
             )
     config = {k: v for k, v in (metadata or {}).items() if k != METADATA_KEY}
     config[METADATA_KEY] = parsed_meta
+    # what a merge must know (lorascope.merge refuses both): the update is more than s·B A
+    config["lora_bias"] = bool(biases)
+    mutating = [
+        r.init
+        for r in rules.values()
+        if isinstance(r.init, str) and r.init.lower().startswith(MUTATING_INITS)
+    ]
+    if mutating:
+        config["init_lora_weights"] = mutating[0]
     return Adapter(modules=modules, path=str(path), format="diffusers", config=config)
 
 
