@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorascope.adapter import Adapter
 from lorascope.errors import FormatError
 from lorascope.formats import diffusers, gguf, hdf5, kohya, loralib, mlx, peft, plain, torchtune
 from lorascope.formats._common import Detector, Probe, Reader
@@ -67,8 +66,3 @@ def detect(probe: Probe, fmt: str | None = None) -> Layout:
         f"{probe.path}: no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys; "
         f"saw: {some})"
     )
-
-
-def read(probe: Probe, options, fmt: str | None = None) -> Adapter:
-    """Detect and read in one call."""
-    return detect(probe, fmt).read(probe, options)
