@@ -156,13 +156,18 @@ def with_base(
 
 
 def merged_weight(
-    module: LoraModule, W: torch.Tensor, *, dtype: torch.dtype | None = None
+    module: LoraModule,
+    W: torch.Tensor,
+    *,
+    dtype: torch.dtype | None = None,
+    gain: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``W'``, the weight the adapted layer computes with, ``(d_out, d_in)`` in ``dtype``.
 
     ``W + s·B A`` for additive families; ``diag(g)(W + s·B A)`` (or ``(W + s·B A) diag(g)``) for
     DoRA, which is what PEFT's ``merge_and_unload``, LyCORIS' merge and mlx-lm's ``fuse``
-    compute. ``dtype`` defaults to float32 (float64 if ``W`` is float64).
+    compute. ``dtype`` defaults to float32 (float64 if ``W`` is float64). ``gain``:
+    :func:`dora_gain` in ``dtype`` when the caller has it already.
     """
     _check(module, W)
     if module.update == "dora-rank-r":
@@ -172,7 +177,7 @@ def merged_weight(
     B = module.B.to(device=W.device, dtype=dtype)
     out = W.to(dtype) + module.scale * (B @ A)  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
     if module.magnitude is not None:
-        g = dora_gain(module, W, dtype=dtype)
+        g = dora_gain(module, W, dtype=dtype) if gain is None else gain.to(dtype)
         out = g.reshape(-1, 1) * out if module.magnitude.axis == "out" else out * g.reshape(1, -1)
     return out
 
@@ -180,7 +185,7 @@ def merged_weight(
 def delta_weight(
     module: LoraModule, W: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
-    """Dense true update ``W' − W`` (``(d_out, d_in)``, ``dtype``). For tests and merges.
+    """Dense true update ``W' − W`` (``(d_out, d_in)``, ``dtype``), for tests and small modules.
 
     Without ``W`` only additive modules have one (``s·B A``); a DoRA module raises.
     """

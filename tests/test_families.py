@@ -173,3 +173,22 @@ def test_analyses_without_and_with_base_name_the_update():
     )
     part = with_base(mod, W).delta().numpy()
     assert res.norm_delta == pytest.approx(float(np.linalg.norm(part)), rel=1e-12)
+
+
+def test_intruders_of_dora_compare_the_merged_weight_with_w():
+    """Intruders of a DoRA module: the top singular vectors of W' = diag(g)(W + s·B A) (not of
+    W + s·B A) against all of W's, by a dense numpy SVD of both."""
+    from lorascope.analysis import module_intruders
+
+    mod = _dora_module("out", d_out=20, d_in=16, r=3, scale=2.0)
+    W = rnd(20, 16)
+    res = module_intruders(mod, W, k=5, epsilon=[0.3, 0.9])
+    assert res.update == "dora-rank-r" and res.family == "dora"
+    Wt = merged_weight(mod, W, dtype=torch.float64).numpy()
+    Y = np.linalg.svd(Wt)[0][:, :5]
+    X = np.linalg.svd(W.numpy())[0][:, :16]
+    best = np.abs(Y.T @ X).max(axis=1)
+    np.testing.assert_allclose(res.max_similarity, best, atol=1e-10)
+    plain = W.numpy() + mod.scale * (mod.B @ mod.A).numpy()  # what ignoring g would compare
+    Yp = np.linalg.svd(plain)[0][:, :5]
+    assert not np.allclose(np.abs(Yp.T @ X).max(axis=1), best, atol=1e-6)

@@ -40,7 +40,7 @@ from lorascope.adapter import Adapter, LoraModule
 from lorascope.analysis._common import Device, checked_weight, module_svdvals, update_fields
 from lorascope.errors import LoraScopeError, ShapeError, ZeroUpdateError
 from lorascope.linalg import SVD, top_singular
-from lorascope.update import merged_weight, with_base
+from lorascope.update import dora_gain, merged_weight, with_base
 
 __all__ = [
     "DEFAULT_K",
@@ -457,8 +457,11 @@ def module_intruders(
     if not bool(W.any()):
         raise ZeroUpdateError(f"{module.tensor_name()}: the base weight W is all zero")
     svd = cache.get(W, dtype=dtype) if cache is not None else weight_svd(W, dtype=dtype)
-    tuned = merged_weight(module, W, dtype=dtype) if module.is_dora else None
-    module = with_base(module, W, dtype=dtype)
+    tuned = None
+    if module.is_dora and module.update != "dora-rank-r":
+        g = dora_gain(module, W, dtype=dtype)  # one pass over W for the merge and the label
+        tuned = merged_weight(module, W, dtype=dtype, gain=g)
+        module = with_base(module, W, dtype=dtype, gain=g)
     res = intruder_similarity(
         W,
         module.A,
