@@ -21,7 +21,7 @@ from lorascope.analysis._common import (
 )
 from lorascope.linalg import default_rcond
 
-__all__ = ["SpectrumResult", "module_spectrum", "spectrum"]
+__all__ = ["SpectrumResult", "module_spectrum", "spectrum", "spectrum_values"]
 
 
 @dataclass
@@ -80,11 +80,6 @@ def module_spectrum(
     """
     S = module_svdvals(module, dtype=dtype, device=device).cpu().numpy()  # (k,)
     rcond = default_rcond(module.shape, dtype) if rcond is None else rcond
-    # shares and ratios from σ/σ_1, so that huge or tiny finite σ cannot overflow σ² (issue 11)
-    rel = S / S[0]  # (k,), rel[0] = 1
-    sq = rel**2
-    total = float(sq.sum())  # ‖ΔW‖_F² / σ_1², in [1, k]
-    p = rel[rel > 0] / rel.sum()
     return SpectrumResult(
         **update_fields(module),
         module=module.key,
@@ -93,6 +88,22 @@ def module_spectrum(
         rank=module.rank,
         shape=module.shape,
         scale=float(module.scale),
+        **spectrum_values(S, rcond),
+    )
+
+
+def spectrum_values(S: np.ndarray, rcond: float) -> dict:
+    """The spectral summaries of :class:`SpectrumResult` from ``S`` (``(k,)``, descending,
+    ``σ_1 > 0``, finite): ``singular_values``, ``energy``, ``frobenius_norm``,
+    ``spectral_norm``, ``effective_rank``, ``stable_rank``, ``numerical_rank``
+    (``σ_i > rcond·σ_1``). Shares and ratios come from ``σ/σ_1``, so huge or tiny finite σ
+    cannot overflow ``σ²`` (issue 11)."""
+    S = np.asarray(S, dtype=np.float64)
+    rel = S / S[0]  # (k,), rel[0] = 1
+    sq = rel**2
+    total = float(sq.sum())  # ‖ΔW‖_F² / σ_1², in [1, k]
+    p = rel[rel > 0] / rel.sum()
+    return dict(
         singular_values=S.tolist(),
         energy=(np.cumsum(sq) / total).tolist(),
         frobenius_norm=float(S[0]) * float(np.sqrt(total)),

@@ -69,6 +69,12 @@ class TrainConfig:
         Evaluate / save an adapter checkpoint every so many optimizer steps (0 = off).
     device : str
         ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+    track_every : int
+        Snapshot every LoRA module's spectrum every so many optimizer steps into
+        ``<out_dir>/tracking.h5`` (:class:`lorascope.tracking.Tracker`; 0 = off).
+    track_factors_every : int
+        Store the factors in the tracking file every so many steps (a multiple of
+        ``track_every``; 0 = at every snapshot). The final step always keeps them.
     threads : int
         ``torch.set_num_threads`` per process (0 = leave as is).
     progress : bool
@@ -102,6 +108,8 @@ class TrainConfig:
     eval_every: int = 0
     checkpoint_every: int = 0
     device: str = "auto"
+    track_every: int = 0
+    track_factors_every: int = 0
     threads: int = 0
     progress: bool = True
 
@@ -124,6 +132,12 @@ class TrainConfig:
             (0.0 <= self.warmup_frac < 1.0, "warmup_frac must be in [0, 1)"),
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
             (bool(self.target_modules), "target_modules must not be empty"),
+            (self.track_every >= 0, "track_every must be >= 0"),
+            (
+                self.track_factors_every >= 0
+                and (self.track_every == 0 or self.track_factors_every % self.track_every == 0),
+                "track_factors_every must be 0 or a multiple of track_every",
+            ),
         ]
         for ok, msg in checks:
             if not ok:

@@ -12,7 +12,10 @@ What a run writes in ``out_dir`` (rank 0 only):
 - ``head.safetensors``: the classifier head ``classifier.weight (C, d)``, ``classifier.bias
   (C,)``, with the label names in its metadata (not part of the PEFT adapter);
 - ``train_config.json`` (the resolved config) and ``metrics.json`` (accuracy, parameters,
-  throughput, the evaluation history).
+  throughput, the evaluation history);
+- with ``track_every`` (LoRA only): ``tracking.h5``, the spectra of every module during
+  training (:mod:`lorascope.tracking`; its time is excluded from ``train_seconds`` and reported
+  as ``tracking_seconds``).
 """
 
 from __future__ import annotations
@@ -184,6 +187,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     out = Path(config.out_dir)
 
+    tracker = None
+    if rank == 0 and config.method == "lora" and config.track_every:
+        from lorascope.tracking import Tracker
+
+        out.mkdir(parents=True, exist_ok=True)
+        tracker = Tracker(
+            out / "tracking.h5",
+            config.track_every,
+            factors_every=config.track_factors_every or None,
+            config=config.to_dict(),
+            overwrite=True,
+            use_rslora=config.use_rslora,
+        )
     history: list[dict[str, float]] = []
     bar = tqdm(total=total, disable=rank != 0 or not config.progress, desc=config.method)
     train_time, order = 0.0, torch.empty(0, dtype=torch.long)
@@ -214,6 +230,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item() * config.grad_accum:.3f}")
         done = step + 1
+        if tracker is not None:
+            tracker.step(model, done, loss=loss.item() * config.grad_accum)
         if rank == 0 and config.eval_every and done % config.eval_every == 0 and done < total:
             acc, ev_loss = evaluate(model, test_data)
             history.append({"step": done, "accuracy": acc, "loss": ev_loss})
@@ -227,6 +245,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         ):
             _save(model, config, labels, out / "checkpoints" / f"step-{done:06d}")
     bar.close()
+    if tracker is not None:
+        tracker.close(model, total)
 
     metrics: dict[str, Any] = {}
     if rank == 0:
@@ -253,6 +273,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "optimizer_state_bytes": state,
             "history": history,
         }
+        if tracker is not None:
+            metrics["tracking_seconds"] = tracker.seconds
         log.info("final test accuracy %.4f (%d trainable parameters)", acc, n_train)
         _save(model, config, labels, out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
