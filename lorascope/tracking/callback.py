@@ -60,7 +60,6 @@ class LoraScopeCallback(TrainerCallback):
         self.options = tracker_options
         self.tracker: Tracker | None = None
         self.result = None
-        self._loss: float | None = None
 
     def _tensorboard(self, args) -> Any:
         tb = self.tensorboard
@@ -98,12 +97,14 @@ class LoraScopeCallback(TrainerCallback):
         )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self._loss = float(logs["loss"])
+        # the Trainer logs a step's loss after that step's on_step_end (the snapshot): attach
+        # it to the snapshot of the same step; a snapshot without a log at its step keeps NaN
+        if self.tracker is not None and logs and "loss" in logs:
+            self.tracker.log_loss(state.global_step, float(logs["loss"]))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.tracker is not None and model is not None:
-            self.tracker.step(model, state.global_step, loss=self._loss)
+            self.tracker.step(model, state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.tracker is not None:

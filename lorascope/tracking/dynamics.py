@@ -105,7 +105,9 @@ class ModuleDynamics:
 
     Lists run over ``steps`` (every snapshot) or ``factor_steps`` (the stored ones, for
     ``phi_to_final``/``grassmann_to_final``); ``None`` marks a value not measured.
-    ``i`` is the number of top directions φ is taken over.
+    ``i`` is the number of top directions φ is taken over; the Grassmann distances
+    (``grassmann_prev``, ``grassmann_to_final``) are always over the module's full width ``k``
+    (as the tracker records them), so with ``i < k`` they differ from ``compare(k=i)``'s.
     """
 
     module: str

@@ -12,7 +12,8 @@ The tracker reads each adapted layer's factors and the scale the forward pass ap
   read as family ``"dora"`` with update ``"dora-direction"`` (the factors' ``s·B A``: DoRA's
   direction part, before the magnitude rescaling); AdaLoRA's ``SVDLinear`` as
   ``B, (E ⊙ A)`` with scale ``scaling / (ranknum + 1e-5)`` (peft's ``get_delta_weight``);
-- loralib's layers (``lora_A``/``lora_B`` parameters and a float ``scaling``).
+- loralib's layers (``lora_A``/``lora_B`` parameters and a float ``scaling``; an ``Embedding``
+  as ``ΔW = (B A)ᵀ``, ``(num_embeddings, dim)``, the orientation of its saved file).
 
 Names drop the wrappers a training framework adds (``module.`` of DDP, ``_orig_mod.`` of
 ``torch.compile``) and PEFT's ``base_model.model.``, so a tracked module has the key lorascope
@@ -105,6 +106,12 @@ def live_modules(model: nn.Module) -> list[LiveModule]:
                 if a in m.scaling and (_has(m, "lora_A", a) or _has(m, "lora_embedding_A", a)):
                     out.append(LiveModule(_strip(raw), m, a))
         elif _is_plain(m):
+            if (
+                hasattr(m, "enable_lora")
+                and not hasattr(m, "part_rows")
+                and m.lora_A.shape[0] != m.lora_B.shape[-1]
+            ):  # an error of the layer, not of one snapshot: raise before the first one
+                raise LoraScopeError(f"{_strip(raw)}: loralib MergedLinear is not tracked live")
             out.append(LiveModule(_strip(raw), m, None))
         elif type(m).__name__ in ("LoHaLayer", "LoKrLayer", "VeraLayer") or hasattr(m, "hada_w1_a"):
             raise LoraScopeError(
@@ -142,6 +149,9 @@ def _read(lm: LiveModule) -> LoraModule:
             A, B = m.lora_A.detach(), m.lora_B.detach()
             if A.shape[0] != B.shape[-1] and hasattr(m, "enable_lora"):
                 raise LoraScopeError(f"{name}: loralib MergedLinear is not tracked live")
+            if isinstance(m, nn.Embedding):  # loralib: ΔW = (B A)ᵀ, (num_embeddings, dim),
+                A, B = B.T, A.T  # as lorascope reads its saved file
+                keys = (f"{name}.lora_B", f"{name}.lora_A")
         scale = float(getattr(m, "scale", getattr(m, "scaling", 1.0)))
         return make_module(
             name, A, B, alpha=getattr(m, "alpha", None), scale=scale, source="model", keys=keys

@@ -167,6 +167,14 @@ class RunWriter:
         self.f = f
         self.n = 0
         self.n_factors = 0
+        # open dataset handles once: a lookup by path costs more than the append itself
+        self.ds: dict[str, Any] = {}
+
+        def keep(name: str, obj: Any) -> None:  # visititems stops at a non-None return
+            if hasattr(obj, "shape"):
+                self.ds[name] = obj
+
+        f.visititems(keep)
 
     @staticmethod
     def _append(ds, value) -> None:
@@ -185,19 +193,19 @@ class RunWriter:
         """One snapshot: ``metrics[name]`` is ``(M,)`` for :data:`SCALARS`, ``(M, K)`` for
         ``sigma``/``phi_prev``; ``factors`` one ``(A, B)`` per module, or ``None``.
         ``steps`` is written last, then the file is flushed."""
-        f = self.f
+        ds = self.ds
         for name in (*SCALARS, *VECTORS):
-            self._append(f["metrics"][name], metrics[name])
+            self._append(ds[f"metrics/{name}"], metrics[name])
         if factors is not None:
             for i, (A, B) in enumerate(factors):
-                self._append(f["factors"][f"{i:03d}"]["A"], A)
-                self._append(f["factors"][f"{i:03d}"]["B"], B)
-            self._append(f["factor_steps"], step)
+                self._append(ds[f"factors/{i:03d}/A"], A)
+                self._append(ds[f"factors/{i:03d}/B"], B)
+            self._append(ds["factor_steps"], step)
             self.n_factors += 1
-        self._append(f["seconds"], seconds)
-        self._append(f["loss"], np.nan if loss is None else float(loss))
-        self._append(f["steps"], step)
-        f.flush()
+        self._append(ds["seconds"], seconds)
+        self._append(ds["loss"], np.nan if loss is None else float(loss))
+        self._append(ds["steps"], step)
+        self.f.flush()
         self.n += 1
 
     def add_seconds(self, seconds: float) -> None:
@@ -205,6 +213,13 @@ class RunWriter:
         if self.n:
             ds = self.f["seconds"]
             ds[self.n - 1] = ds[self.n - 1] + seconds
+
+    def set_loss(self, loss: float) -> None:
+        """Set the last snapshot's training loss (known only after the snapshot, e.g. when a
+        ``Trainer`` logs it after the step's callbacks)."""
+        if self.n:
+            self.f["loss"][self.n - 1] = float(loss)
+            self.f.flush()
 
     def write_settle(self, phi_final: np.ndarray, grassmann_final: np.ndarray) -> None:
         """The settling curve, ``(f, M, K)`` and ``(f, M)``, when the run ends."""
@@ -277,11 +292,26 @@ class Run:
             return np.asarray(g["A"][t]), np.asarray(g["B"][t])
 
 
+def _check_length(path: Path) -> None:
+    """A file shorter than the end-of-file address its superblock records was cut off (a
+    partial copy or download). HDF5's SWMR reader does not check this and retries every
+    metadata read that fails its checksum, backing off for up to an hour, so it is checked
+    here: superblock version >= 2 at offset 0 (the tracker's files), 8-byte addresses."""
+    with open(path, "rb") as fh:
+        head = fh.read(36)
+    if len(head) == 36 and head[:8] == b"\x89HDF\r\n\x1a\n" and head[8] >= 2 and head[9] == 8:
+        stored = int.from_bytes(head[28:36], "little")
+        size = path.stat().st_size
+        if stored > size:
+            raise FormatError(f"{path}: truncated tracking file ({size} of {stored} bytes)")
+
+
 def _open(path: Path):
     h5py = _h5py()
+    _check_length(path)
     try:
         return h5py.File(path, "r", libver="latest", swmr=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # h5py: RuntimeError for some cut files
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FormatError(f"{path}: not a readable tracking file ({msg})") from None
 
@@ -345,7 +375,7 @@ def read_run(path: str | os.PathLike) -> Run:
             )
         except FormatError:
             raise
-        except (KeyError, ValueError, TypeError, OSError) as e:
+        except (KeyError, ValueError, TypeError, OSError, RuntimeError) as e:
             raise FormatError(f"{path}: malformed tracking file ({e})") from None
     if len(modules) != run.metrics["fro"].shape[1]:
         raise FormatError(f"{path}: malformed tracking file (modules do not match metrics)")

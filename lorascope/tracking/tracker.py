@@ -296,6 +296,12 @@ class Tracker:
         self._last_step = step
         return True
 
+    def log_loss(self, step: int, loss: float) -> None:
+        """Record the training loss of step ``step`` when it is the last snapshot written (for
+        callers that learn a step's loss only after snapshotting it); otherwise do nothing."""
+        if self._writer is not None and not self.closed and int(step) == self._last_step:
+            self._writer.set_loss(loss)
+
     def _warn(self, name: str, what: str, msg: str) -> None:
         if (name, what) not in self._warned:
             self._warned.add((name, what))
@@ -394,10 +400,10 @@ def _unmeasured(K: int) -> dict[str, Any]:
 
 def _stored(m: LoraModule | None, writer: RunWriter, i: int) -> tuple[np.ndarray, np.ndarray]:
     """Module ``i``'s factors as the file stores them (bf16/fp16 -> float32 is exact)."""
-    g = writer.f["factors"][f"{i:03d}"]
-    dt = g["A"].dtype
+    dA, dB = writer.ds[f"factors/{i:03d}/A"], writer.ds[f"factors/{i:03d}/B"]
+    dt = dA.dtype
     if m is None:  # a module that could not be read at this snapshot: NaN factors
-        return np.full(g["A"].shape[1:], np.nan, dt), np.full(g["B"].shape[1:], np.nan, dt)
+        return np.full(dA.shape[1:], np.nan, dt), np.full(dB.shape[1:], np.nan, dt)
     to = torch.float64 if dt == np.float64 else torch.float32
     return m.A.to("cpu", to).numpy(), m.B.to("cpu", to).numpy()
 
