@@ -68,6 +68,7 @@ def _add_commands() -> None:
         weight_similarity,
     )
     from lorascope.cli.compare import compare
+    from lorascope.cli.dynamics import dynamics_cmd
     from lorascope.cli.intruders import intruders
     from lorascope.cli.merge import merge
     from lorascope.cli.rank import rank, resize
@@ -85,6 +86,7 @@ def _add_commands() -> None:
         merge,
         intruders,
         compare,
+        dynamics_cmd,
         report,
         train,
     ):
