@@ -36,3 +36,4 @@ def test_explore_notebook_executes():
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "φ(1, 1) = " in text and "amp." in text
     assert "of the energy; ‖ΔW − ΔW_k‖_F" in text and "intruders among the top 10" in text
+    assert "tracked σ at step 30 vs the checkpoint" in text and "settled at step" in text
