@@ -67,12 +67,14 @@ def _add_commands() -> None:
         spectrum,
         weight_similarity,
     )
+    from lorascope.cli.collection import neighbors, outliers, shared
     from lorascope.cli.compare import compare
     from lorascope.cli.dynamics import dynamics_cmd
     from lorascope.cli.intruders import intruders
     from lorascope.cli.merge import merge
     from lorascope.cli.rank import rank, resize
     from lorascope.cli.report import report
+    from lorascope.cli.scan import scan
     from lorascope.cli.train import train
 
     for cmd in (
@@ -87,8 +89,12 @@ def _add_commands() -> None:
         intruders,
         compare,
         dynamics_cmd,
+        shared,
+        neighbors,
+        outliers,
         report,
         train,
+        scan,
     ):
         main.add_command(cmd)
 
