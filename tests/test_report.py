@@ -32,8 +32,18 @@ FIGURES = (
     "amplification",
     "spectra",
     "effective_rank",
+    "shared_q",  # three adapters: the shared-subspace section
+    "shared_v",
 )
-TABLES = ("similarity", "table7", "table7_summary", "table7_layers", "effective_rank", "spectra")
+TABLES = (
+    "similarity",
+    "table7",
+    "table7_summary",
+    "table7_layers",
+    "effective_rank",
+    "spectra",
+    "shared",
+)
 
 
 def _name(layer: int, p: str) -> str:
@@ -100,6 +110,25 @@ def test_report_writes_every_promised_file(built):
             text = (out / f"{t}.{ext}").read_text().lower()
             assert "nan" not in text and "inf" not in text.replace("info", "")
     assert "φ(1,1) r=2 vs r=16" in report.summary() and "\n" not in report.summary()
+
+
+def test_report_shared_section_equals_the_library(built, inputs):
+    import csv
+
+    from lorascope.collection.shared import shared_from_adapters
+
+    report, out = built
+    _, paths, _ = inputs
+    ads = [load_adapter(p) for p in paths.values()]
+    rows = list(csv.DictReader((out / "shared.csv").open()))
+    for kind in ("q", "v"):
+        lib = shared_from_adapters(ads, layer=1, module=kind, draws=5, seed=0)
+        got = {r["curve"]: r for r in rows if r["kind"] == kind}
+        for name, curve in (("collection", lib.energy), ("null: own σ", lib.nulls["spectra"]),
+                            ("mean update's directions", lib.nulls["mean"])):  # fmt: skip
+            assert float(got[name]["k1"]) == pytest.approx(curve[0], rel=1e-12)
+            assert float(got[name]["k2"]) == pytest.approx(curve[1], rel=1e-12)
+    assert "shared subspace q: E(1) = " in report.summary()
 
 
 def test_results_h5_equals_the_library(built, inputs):

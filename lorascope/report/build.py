@@ -32,7 +32,14 @@ __all__ = ["Report", "build_report"]
 
 log = logging.getLogger(__name__)
 
-INLINE_TABLES = ("similarity", "table7", "table7_summary", "effective_rank", "dynamics")
+INLINE_TABLES = (
+    "similarity",
+    "table7",
+    "table7_summary",
+    "effective_rank",
+    "shared",
+    "dynamics",
+)
 
 
 @dataclass
@@ -58,6 +65,7 @@ class Report:
     captions: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     dynamics: Any = None  # lorascope.report.dynamics.DynamicsSection, with a tracking file
+    shared: Any = None  # lorascope.report.shared.SharedSection, with three or more adapters
 
     def summary(self) -> str:
         """One line: what was written and the headline numbers."""
@@ -86,6 +94,8 @@ class Report:
                 if a:
                     amp.append(f"{np.mean(a):.1f} (r={r})")
             parts.append("mean amplification " + ", ".join(amp))
+        if self.shared is not None:
+            parts.append(self.shared.summary())
         if self.dynamics is not None:
             parts.append("dynamics: " + self.dynamics.summary())
         return "; ".join(parts)
@@ -154,6 +164,12 @@ def build_report(
     data = compute_report(group_adapters(adapters, seeds), base, options)
     tables = report_tables(data)
     plan = figure_plan(data)
+    from lorascope.report.shared import shared_section
+
+    shared = shared_section(data)
+    if shared is not None:
+        tables += shared.tables
+        plan += shared.figures
     if section is not None:
         tables += section.tables
         plan += section.figures
@@ -173,7 +189,8 @@ def build_report(
     files["index.md"] = _index(data, tables, figures, command, section).encode()
     out.mkdir(parents=True, exist_ok=True)
     written = [_write(out / name, blob) for name, blob in files.items()]
-    report = Report(out, written, data, {k: v["caption"] for k, v in figures.items()}, 0.0, section)
+    captions = {k: v["caption"] for k, v in figures.items()}
+    report = Report(out, written, data, captions, 0.0, section, shared)
     report.seconds = time.perf_counter() - t0
     log.info("%s", report.summary())
     return report
