@@ -178,7 +178,8 @@ def test_ddp_two_processes_equals_one_process(task, tmp_path):
     for k in a:
         diff = (a[k].double() - b[k].double()).abs()
         assert float(diff.max()) <= bound, k
-        assert float((diff > 1e-6).double().mean()) <= 0.01, (k, float(diff.max()))
+        n_off = int((diff > 1e-6).sum())  # a few, counted: 1 of a 32-element B is 3 %
+        assert n_off <= max(2, 0.01 * diff.numel()), (k, n_off, float(diff.max()))
 
 
 def test_config_toml_overrides_and_errors(tmp_path):
