@@ -11,9 +11,9 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def tiny_gpt2():
-    """A 2-layer GPT-2 (``Conv1D`` projections, n_embd 32) built from a config."""
+def build_tiny_gpt2():
+    """A 2-layer GPT-2 (``Conv1D`` projections, n_embd 32) built from a config (also for
+    module-scoped fixtures, which cannot use the function-scoped ones below)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
@@ -28,8 +28,7 @@ def tiny_gpt2():
     return GPT2LMHeadModel(cfg).eval()
 
 
-@pytest.fixture
-def tiny_llama():
+def build_tiny_llama():
     """A 2-layer Llama (hidden 32, 4 heads, 2 KV heads: k/v project 32 -> 16), from a config."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -44,6 +43,16 @@ def tiny_llama():
         eos_token_id=0,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return build_tiny_gpt2()
+
+
+@pytest.fixture
+def tiny_llama():
+    return build_tiny_llama()
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ import pytest
 import scipy.linalg
 import torch
 from click.testing import CliRunner
+from conftest import build_tiny_gpt2, build_tiny_llama
 
 from lorascope.adapter import LoraModule
 from lorascope.cli.main import main
@@ -41,25 +42,12 @@ scan_mod = importlib.import_module("lorascope.collection.scan")
 # ----------------------------------------------------------------------------- the collection
 
 
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
-    return GPT2LMHeadModel(cfg).eval()
+def _gpt2():  # the function's name is the adapters' base_model_name_or_path ("tiny/gpt2")
+    return build_tiny_gpt2()
 
 
 def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return build_tiny_llama()
 
 
 def _peft(model_fn, out: Path, *, seed: int, init: bool = False, **lora) -> dict:

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from conftest import build_tiny_llama
 from safetensors.numpy import load_file
 from torch import nn
 
@@ -133,22 +134,6 @@ def _assert_sigma(tracked: np.ndarray, dense: np.ndarray, r: int, what: str) -> 
 # ------------------------------------------------------------------------ the Trainer runs
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # k_proj, v_proj: 32 -> 16
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return LlamaForCausalLM(cfg)
-
-
 def _train_peft(out: Path, lora_config, max_steps: int, **callback_options) -> SimpleNamespace:
     """Train the tiny Llama with peft + the real Trainer, tracked every 2 steps and saved
     (adapter only) every 2 steps."""
@@ -158,7 +143,7 @@ def _train_peft(out: Path, lora_config, max_steps: int, **callback_options) -> S
     from lorascope.tracking import LoraScopeCallback
 
     torch.manual_seed(0)
-    model = _tiny_llama()
+    model = build_tiny_llama().train()
     base = {  # the frozen weights, copied before peft wraps them: (d_out, d_in)
         n: m.weight.detach().to(torch.float64).numpy().copy()
         for n, m in model.named_modules()

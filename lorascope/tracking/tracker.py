@@ -49,8 +49,9 @@ from lorascope.linalg import (
     principal_angles,
     projection_norm,
 )
+from lorascope.tracking.dynamics import dynamics, settling_curve
 from lorascope.tracking.live import LiveModule, live_modules
-from lorascope.tracking.store import SCALARS, VECTORS, RunWriter, now
+from lorascope.tracking.store import SCALARS, VECTORS, RunWriter, now, read_run
 
 __all__ = ["Tracker"]
 
@@ -365,19 +366,15 @@ class Tracker:
             self._tb.close()
         if writer is None:
             return None
-        from lorascope.tracking.dynamics import dynamics, settling_curve
-
         try:
             writer.f.flush()
-            from lorascope.tracking.store import read_run
-
             run = read_run(self.path)
             if len(run.factor_steps):
-                phi, dist = settling_curve(run)
-                writer.write_settle(phi, dist)
+                run.phi_final, run.grassmann_final = settling_curve(run)
+                writer.write_settle(run.phi_final, run.grassmann_final)
         finally:
             writer.close()
-        result = dynamics(read_run(self.path))
+        result = dynamics(run)
         for d in result:
             for line in d.advice():
                 log.info(line)
