@@ -10,8 +10,9 @@ at scale.
    collection.
 2. **shared**: ``--n-shared`` updates of one weight (d = 4096, r = 16, decaying spectra, plus a
    planted shared direction), built in memory: the wall time and peak RSS of
-   :func:`lorascope.collection.shared.shared_subspace` (its QR of the stacked ``V_i S_i``,
-   ``4096 × 16·N``), with ``draws`` null draws; leave-one-out off above 256 adapters.
+   :func:`lorascope.collection.shared.shared_subspace` (``16·N > 4096``: the Gram matrix of the
+   stacked ``V_i S_i`` and its top eigenpairs), with ``draws`` null draws; leave-one-out off
+   above 256 adapters; in a child process with every core for BLAS.
 
 The Collection section of BENCHMARKS.md (between its markers) is rewritten unless ``--no-write``.
 
@@ -35,9 +36,12 @@ _ap.add_argument("--skip-scan", action="store_true")
 _ap.add_argument("--skip-shared", action="store_true")
 _ap.add_argument("--workdir", help="keep the synthetic adapters here (else a temp dir)")
 _ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+_ap.add_argument("--shared-child", help=argparse.SUPPRESS)  # internal: run `shared`, write JSON
 ARGS = _ap.parse_args()
 for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_v, "1")
+    # the scan: one BLAS thread per worker process; `shared` runs in a child process that
+    # uses every core (its Gram matrices and eigensolvers are numpy/LAPACK, set at import)
+    os.environ.setdefault(_v, str(os.cpu_count() or 1) if ARGS.shared_child else "1")
 
 import platform  # noqa: E402
 import resource  # noqa: E402
@@ -135,6 +139,23 @@ def bench_scan(root: Path) -> dict:
 
 
 def bench_shared() -> dict:
+    """Run :func:`_shared_child` in a fresh process with every core for BLAS: its peak RSS is
+    the `shared` computation's alone."""
+    import json
+    import subprocess
+
+    env = dict(os.environ)
+    for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env.pop(v, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "shared.json"
+        cmd = [sys.executable, __file__, "--n-shared", str(ARGS.n_shared), "--draws",
+               str(ARGS.draws), "--shared-child", str(out)]  # fmt: skip
+        subprocess.run(cmd, env=env, check=True)
+        return json.loads(out.read_text())
+
+
+def _shared_child() -> dict:
     from lorascope.collection.shared import shared_subspace
 
     d, n = 4096, ARGS.n_shared
@@ -148,16 +169,16 @@ def bench_shared() -> dict:
         mods.append(LoraModule(name=f"a{i}", A=A.half(), B=B.half(), scale=2.0, layer=16,
                                kind="q", source=f"a{i}"))  # fmt: skip
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    torch.set_num_threads(os.cpu_count() or 1)  # one big QR: use the machine
+    torch.set_num_threads(os.cpu_count() or 1)  # use the machine
     t0 = time.perf_counter()
     res = shared_subspace(mods, draws=ARGS.draws, max_k=64)
-    torch.set_num_threads(1)
     secs = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     stack = d * R * n * 8
     log(f"shared over {n}: {secs:.1f} s, peak RSS {peak / 2**20:.2f} GiB, E(1) {res.energy[0]:.3f}")
     return {"n": n, "d": d, "seconds": secs, "peak_gib": peak / 2**20,
             "rss_before_gib": rss0 / 2**20, "stack_gib": stack / 2**30, "draws": ARGS.draws,
+            "threads": torch.get_num_threads(),
             "e1": res.energy[0], "null1": res.nulls["spectra"][0],
             "mean1": res.nulls["mean"][0]}  # fmt: skip
 
@@ -168,7 +189,8 @@ def markdown(scan_res: dict | None, shared_res: dict | None) -> str:
         "## Collections (issue 13)",
         "",
         f"`benchmarks/collection.py`. Machine: {platform.machine()}, {os.cpu_count()} cores; "
-        f"torch {torch.__version__}; one BLAS thread per process. Command: `{cmd}`.",
+        f"torch {torch.__version__}; one BLAS thread per scan process, all cores for `shared`. "
+        f"Command: `{cmd}`.",
         "",
     ]
     if scan_res:
@@ -195,7 +217,8 @@ def markdown(scan_res: dict | None, shared_res: dict | None) -> str:
         r = shared_res
         lines += [
             f"**shared**: {r['n']} updates of one weight (d = {r['d']}, r = 16, fp16 factors, "
-            f"in memory), {r['draws']} null draw(s), no leave-one-out: {r['seconds']:.1f} s, "
+            f"in memory), {r['draws']} null draw(s), no leave-one-out, one process with "
+            f"{r['threads']} BLAS threads: {r['seconds']:.1f} s, "
             f"peak RSS {r['peak_gib']:.2f} GiB (before: {r['rss_before_gib']:.2f} GiB; the "
             f"float64 stack of V_i S_i alone is {r['stack_gib']:.2f} GiB). E(1) = {r['e1']:.3f} "
             f"against {r['null1']:.3f} for the own-σ null and {r['mean1']:.3f} for the mean "
@@ -219,6 +242,11 @@ def write_section(text: str) -> None:
 
 
 def main() -> None:
+    if ARGS.shared_child:
+        import json
+
+        Path(ARGS.shared_child).write_text(json.dumps(_shared_child()))
+        return
     torch.set_num_threads(1)
     scan_res = shared_res = None
     root = Path(ARGS.workdir) if ARGS.workdir else Path(tempfile.mkdtemp(prefix="lorascope_col_"))

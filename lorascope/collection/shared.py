@@ -41,7 +41,7 @@ adapter counts once whatever its scale.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -70,44 +70,69 @@ def stack_directions(
     """``X = [D_1 diag(σ_1), …, D_N diag(σ_N)]`` (``(d, Σ k_i)``, float64) from each update's
     singular directions ``D_i`` (``(d, k_i)``, orthonormal) and values ``σ_i`` (``(k_i,)``);
     with ``normalize`` each block is divided by ``‖σ_i‖`` (``‖ΔW_i‖_F``)."""
-    blocks = []
-    for D, S in svds:
-        S = S.to(torch.float64)
-        if normalize:
-            S = S / torch.linalg.vector_norm(S)
-        blocks.append(D.to(torch.float64) * S)  # (d, k_i)
-    return torch.cat(blocks, dim=1)
+    return torch.cat([D.to(torch.float64) * _weights(S, normalize) for D, S in svds], dim=1)
+
+
+def _top_eigh(G: np.ndarray, K: int, vectors: bool = True):
+    """The top ``K`` eigenpairs of a symmetric ``G`` (``(d, d)``) by LAPACK's ``syevr`` on the
+    index range only (no full eigendecomposition), in descending order; eigenvalues below 0
+    (rounding of a positive semi-definite Gram) are clamped to 0."""
+    from scipy.linalg import eigh
+
+    d = G.shape[0]
+    K = min(K, d)
+    res = eigh(G, subset_by_index=[d - K, d - 1], driver="evr", eigvals_only=not vectors,
+               check_finite=False)  # fmt: skip
+    w, V = (res, None) if not vectors else res
+    w = np.clip(w[::-1], 0.0, None)
+    return (w, None) if V is None else (w, np.ascontiguousarray(V[:, ::-1]))
+
+
+def gram(blocks: Iterable[torch.Tensor | np.ndarray], d: int) -> np.ndarray:
+    """``Σ_c X_c X_cᵀ`` (``(d, d)``, float64) over column blocks ``X_c`` (``(d, m_c)``), each
+    product a BLAS ``syrk`` (numpy's ``X @ X.T``): the Gram matrix of a stack without holding
+    the stack."""
+    G = np.zeros((d, d))
+    for X in blocks:
+        Xn = X.numpy() if isinstance(X, torch.Tensor) else X
+        Xn = np.asarray(Xn, dtype=np.float64)
+        G += Xn @ Xn.T
+    return G
 
 
 def shared_basis(
     X: torch.Tensor, max_k: int | None = None, *, dask: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left singular vectors and values of ``X`` (``(d, m)``): the eigenvectors of ``X Xᵀ`` and
-    the square roots of its eigenvalues, without forming ``X Xᵀ``.
+    the square roots of its eigenvalues.
 
-    ``m <= d``: ``X = Q R`` (thin QR), SVD ``R = U_R Σ W_Rᵀ``, so ``X = (Q U_R) Σ W_Rᵀ``.
-    ``m > d`` (more directions than dimensions): ``Xᵀ = Q R`` with ``R`` ``(d, d)``, so
-    ``X = Rᵀ Qᵀ`` and the left singular vectors of ``X`` are those of ``Rᵀ``. With ``dask``
-    that tall-skinny QR is ``dask.array.linalg.tsqr`` over row blocks of ``Xᵀ`` (on the
-    active ``dask.distributed`` client, if any); only ``R`` comes back.
+    ``m <= d``: ``X = Q R`` (thin QR), SVD ``R = U_R Σ W_Rᵀ``, so ``X = (Q U_R) Σ W_Rᵀ``
+    (``O(d m²)``, ``X Xᵀ`` never formed).
+    ``m > d`` (more directions than dimensions): the ``d × d`` Gram matrix ``G = X Xᵀ`` (one
+    BLAS ``syrk``, ``d² m`` flops, half a QR of ``Xᵀ``) and its top ``K`` eigenpairs only
+    (LAPACK ``syevr``), ``σ_j = sqrt(λ_j)``. In float64 the eigenvalues carry an absolute
+    error of order ``d·ε·λ_1`` (``ε`` = 2.2e-16), far below any energy share reported. With
+    ``dask`` the ``m > d`` case is instead a tall-skinny QR of ``Xᵀ`` on ``dask.array``
+    (``dask.array.linalg.tsqr`` over row blocks, on the active ``dask.distributed`` client if
+    any; only ``R`` ``(d, d)`` comes back), then the SVD of ``Rᵀ``.
 
     Returns ``P`` ``(d, K)`` and ``s`` ``(K,)`` descending, ``K = min(d, m, max_k)``."""
     d, m = X.shape
+    K = min(d, m) if max_k is None else min(max_k, d, m)
     if m <= d:
         Q, R = torch.linalg.qr(X)  # (d, m), (m, m)
         Ur, S, _ = torch.linalg.svd(R)
         P = Q @ Ur  # (d, m)
-    else:
-        if dask:
-            import dask.array as da
+    elif dask:
+        import dask.array as da
 
-            rows = max(d, -(-m // 8))  # ~8 row blocks, each at least d tall (tsqr needs it)
-            Xt = da.from_array(X.mT.contiguous().numpy(), chunks=(rows, d))
-            R = torch.from_numpy(np.asarray(da.linalg.tsqr(Xt)[1].compute()))  # (d, d)
-        else:
-            R = torch.linalg.qr(X.mT, mode="r")[1]  # (d, d)
+        rows = max(d, -(-m // 8))  # ~8 row blocks, each at least d tall (tsqr needs it)
+        Xt = da.from_array(X.mT.contiguous().numpy(), chunks=(rows, d))
+        R = torch.from_numpy(np.asarray(da.linalg.tsqr(Xt)[1].compute()))  # (d, d)
         P, S, _ = torch.linalg.svd(R.mT)  # (d, d), (d,)
-    K = S.shape[0] if max_k is None else min(max_k, S.shape[0])
+    else:
+        w, V = _top_eigh(gram([X], d), K)
+        P, S = torch.from_numpy(V), torch.from_numpy(np.sqrt(w))
     return P[:, :K], S[:K]
 
 
@@ -126,6 +151,50 @@ def _haar(d: int, k: int, g: torch.Generator) -> torch.Tensor:
     diagonal moved into ``Q`` (Mezzadri 2007)."""
     Q, R = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
     return Q * torch.sign(torch.diagonal(R)).where(torch.diagonal(R) != 0, 1.0)
+
+
+def _weights(S: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The column weights of one block of ``X``: ``σ_i``, or ``σ_i / ‖σ_i‖`` with ``normalize``
+    (float64)."""
+    S = S.to(torch.float64)
+    return S / torch.linalg.vector_norm(S) if normalize else S
+
+
+def _chunks(blocks: Iterable[torch.Tensor], width: int = 1024) -> Iterator[torch.Tensor]:
+    """Column blocks regrouped into chunks of at least ``width`` columns (a Gram update of a
+    16-column block is bound by memory traffic over ``G``, one of ~1000 columns by flops)."""
+    buf: list[torch.Tensor] = []
+    cols = 0
+    for b in blocks:
+        buf.append(b)
+        cols += b.shape[1]
+        if cols >= width:
+            yield torch.cat(buf, dim=1)
+            buf, cols = [], 0
+    if buf:
+        yield torch.cat(buf, dim=1)
+
+
+def _energy_of(blocks: Iterable[torch.Tensor], d: int, m: int, K: int) -> np.ndarray:
+    """``E(k)``, ``k = 1..K``, of the collection whose stacked ``X`` has the column ``blocks``
+    (``(d, k_i)`` float64, ``m`` columns in all): from the singular values of ``X``
+    (:func:`shared_basis`) when ``m <= d``, else from the top eigenvalues of the Gram matrix
+    accumulated chunk by chunk (the stack is never held)."""
+    total = 0.0
+
+    def counted(bs: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        nonlocal total
+        for b in bs:
+            total += float(b.square().sum())
+            yield b
+
+    if m <= d:
+        X = torch.cat(list(counted(blocks)), dim=1)
+        _, S = shared_basis(X, K)
+        return _pad(_energy(S, total), K)
+    G = gram(_chunks(counted(blocks)), d)
+    w, _ = _top_eigh(G, K, vectors=False)
+    return _pad(np.minimum(np.cumsum(w) / total, 1.0), K)
 
 
 @dataclass
@@ -193,6 +262,42 @@ def _svd_of(m: LoraModule, side: Side, dtype: torch.dtype) -> tuple[torch.Tensor
     return (svd.V if side == "right" else svd.U), svd.S
 
 
+def _stack(
+    modules: Sequence[LoraModule], side: Side, normalize: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``X`` (:func:`stack_directions`) filled module by module into one preallocated float64
+    tensor (no list of blocks, no second copy), and every module's singular values."""
+    sigmas = []
+    first = _svd_of(modules[0], side, torch.float64)
+    d = int(first[0].shape[0])
+    widths = [min(m.A.shape[0], *m.shape) for m in modules]  # k_i of the factored SVD
+    X = torch.empty(d, sum(widths), dtype=torch.float64)
+    off = 0
+    for i, m in enumerate(modules):
+        D, S = first if i == 0 else _svd_of(m, side, torch.float64)
+        X[:, off : off + D.shape[1]] = D * _weights(S, normalize)
+        off += D.shape[1]
+        sigmas.append(S)
+    return X[:, :off], sigmas
+
+
+def _directions(
+    X: torch.Tensor,
+    offs: np.ndarray,
+    i: int,
+    sigmas: list[torch.Tensor],
+    normalize: bool,
+    module: LoraModule,
+    side: Side,
+) -> torch.Tensor:
+    """Adapter ``i``'s orthonormal directions ``D_i`` (``(d, k_i)``) back from its block of
+    ``X`` (``D_i diag(w_i)``), or from its factored SVD again when a weight is 0."""
+    w = _weights(sigmas[i], normalize)
+    if bool((w > 0).all()):
+        return X[:, offs[i] : offs[i + 1]] / w
+    return _svd_of(module, side, torch.float64)[0]
+
+
 def shared_subspace(
     modules: Sequence[LoraModule],
     *,
@@ -247,25 +352,23 @@ def shared_subspace(
             f"({modules[0].tensor_name()} ...)"
         )
     dtype = torch.float64
-    svds = [_svd_of(m, side, dtype) for m in modules]
-    d = int(svds[0][0].shape[0])
-    ranks = [int(S.shape[0]) for _, S in svds]
+    X, sigmas = _stack(modules, side, normalize)  # (d, Σk): the only stack held
+    d = int(X.shape[0])
+    ranks = [int(S.shape[0]) for S in sigmas]
     kk = int(np.median(ranks)) if k is None else int(k)
     if not 1 <= kk <= d:
         raise LoraScopeError(f"k must be in [1, {d}], got {kk}")
-    X = stack_directions(svds, normalize)  # (d, Σk)
     total = float(X.square().sum())
     P, S = shared_basis(X, max_k, dask=dask)
     K = int(S.shape[0])
     energy = _energy(S, total)
     g = torch.Generator().manual_seed(seed)
 
-    # null 1: own spectra, Haar-random directions
+    # null 1: own spectra, Haar-random directions (drawn lazily: no second stack in memory)
     spectra = np.zeros(K)
     for _ in range(draws):
-        Xr = stack_directions([(_haar(d, S_i.shape[0], g), S_i) for _, S_i in svds], normalize)
-        _, Sr = shared_basis(Xr, K)
-        spectra += _pad(_energy(Sr, float(Xr.square().sum())), K)
+        blocks = (_haar(d, S_i.shape[0], g) * _weights(S_i, normalize) for S_i in sigmas)
+        spectra += _energy_of(blocks, d, X.shape[1], K)
     spectra /= max(draws, 1)
 
     # null 2: each adapter's update from a random layer of the same shape
@@ -280,20 +383,26 @@ def shared_subspace(
             layer_null = np.zeros(K)
             for _ in range(draws):
                 pick = [p[int(torch.randint(len(p), (1,), generator=g))] for p in pools]
-                Xl = stack_directions([_svd_of(m, side, dtype) for m in pick], normalize)
-                _, Sl = shared_basis(Xl, K)
-                layer_null += _pad(_energy(Sl, float(Xl.square().sum())), K)
+                blocks, m_l = [], 0
+                for m in pick:
+                    D, S_m = _svd_of(m, side, dtype)
+                    blocks.append(D * _weights(S_m, normalize))
+                    m_l += D.shape[1]
+                layer_null += _energy_of(blocks, d, m_l, K)
             layer_null /= draws
 
     # null 3: the mean update's own top-k directions
-    mean = _mean_directions(modules, side, normalize, svds, K)
+    mean = _mean_directions(modules, side, normalize, sigmas, K)
     mean_curve = _pad(_captured(X, mean, total), K)
 
     # per adapter: φ to the shared top-k, leave-one-out error
     Pk = P[:, : min(kk, K)]
-    phi = [
-        float(phi_from_cross(D.mT @ Pk)[-1, -1]) for D, _ in svds
-    ]  # φ(r_i, k) = ‖D_iᵀ P_k‖² / min(r_i, k)
+    offs = np.cumsum([0, *ranks])
+    phi = [  # φ(r_i, k) = ‖D_iᵀ P_k‖² / min(r_i, k)
+        float(phi_from_cross(_directions(X, offs, i, sigmas, normalize, modules[i], side).mT @ Pk)
+              [-1, -1])
+        for i in range(n)
+    ]  # fmt: skip
     do_loo = n <= 256 if loo is None else loo
     loo_err = _leave_one_out(X, ranks, kk) if do_loo else None
     first = modules[0]
@@ -336,15 +445,15 @@ def _leave_one_out(X: torch.Tensor, ranks: list[int], k: int) -> list[float]:
         _, R = torch.linalg.qr(X)  # (m, m)
         base, blocks = R, [R[:, offs[i] : offs[i + 1]] for i in range(len(ranks))]
     else:
-        G = X @ X.mT  # (d, d)
+        G = gram(_chunks([X]), d)  # (d, d)
         blocks = [X[:, offs[i] : offs[i + 1]] for i in range(len(ranks))]
     for i, Xi in enumerate(blocks):
         if m <= d:
             rest = torch.cat([base[:, : offs[i]], base[:, offs[i + 1] :]], dim=1)
             U = torch.linalg.svd(rest, full_matrices=False)[0][:, :k]
         else:
-            w, V = torch.linalg.eigh(G - Xi @ Xi.mT)
-            U = V[:, torch.argsort(w, descending=True)[:k]]
+            Xn = Xi.numpy()
+            U = torch.from_numpy(_top_eigh(G - Xn @ Xn.T, k)[1])
         kept = float((U.mT @ Xi).square().sum() / Xi.square().sum())
         out.append(math.sqrt(max(0.0, 1.0 - kept)))
     return out
@@ -362,20 +471,37 @@ def _mean_directions(
     modules: Sequence[LoraModule],
     side: Side,
     normalize: bool,
-    svds: list[tuple[torch.Tensor, torch.Tensor]],
+    sigmas: list[torch.Tensor],
     K: int,
 ) -> torch.Tensor:
-    """Top singular directions of ``(1/N) Σ c_i ΔW_i`` (``c_i = 1/‖ΔW_i‖_F`` with
-    ``normalize``), from the stacked factors ``[c_1 s_1 B_1, …] @ [A_1; …]`` (width ``Σ r_i``)."""
-    A = torch.cat([m.A.to(torch.float64) for m in modules], 0)  # (Σr, d_in)
-    cols = []
-    for m, (_, S) in zip(modules, svds, strict=True):
+    """Top ``K`` singular directions of ``ΔW̄ = (1/N) Σ c_i ΔW_i`` (``c_i = 1/‖ΔW_i‖_F`` with
+    ``normalize``): ``(d, K)``, ``d`` the side's dimension.
+
+    ``Σ r_i <= min(d_out, d_in)``: the exact factored SVD of the stacked factors
+    ``[c_1 s_1 B_1, …] @ [A_1; …]``. Wider: the factored form is no longer cheaper, so ``ΔW̄`` is
+    accumulated densely (float64 GEMMs, chunk by chunk) and the directions are the top
+    eigenvectors of ``ΔW̄ᵀΔW̄`` (right) or ``ΔW̄ΔW̄ᵀ`` (left)."""
+    weights = []
+    for m, S in zip(modules, sigmas, strict=True):
         c = (1.0 / float(torch.linalg.vector_norm(S))) if normalize else 1.0
-        cols.append(m.B.to(torch.float64) * (m.scale * c / len(modules)))
-    B = torch.cat(cols, 1)  # (d_out, Σr)
-    svd = factored_svd(A, B, 1.0)
-    D = svd.V if side == "right" else svd.U
-    return D[:, :K]
+        weights.append(m.scale * c / len(modules))
+    width = sum(m.A.shape[0] for m in modules)
+    d_out, d_in = modules[0].shape
+    if width <= min(d_out, d_in):
+        A = torch.cat([m.A.to(torch.float64) for m in modules], 0)  # (Σr, d_in)
+        B = torch.cat([m.B.to(torch.float64) * w for m, w in zip(modules, weights, strict=True)], 1)
+        svd = factored_svd(A, B, 1.0)
+        D = svd.V if side == "right" else svd.U
+        return D[:, :K]
+    mean = np.zeros((d_out, d_in))
+    step = max(1, 1024 // max(1, modules[0].A.shape[0]))
+    for lo in range(0, len(modules), step):
+        part = range(lo, min(lo + step, len(modules)))
+        B = torch.cat([modules[i].B.to(torch.float64) * weights[i] for i in part], 1)
+        A = torch.cat([modules[i].A.to(torch.float64) for i in part], 0)
+        mean += B.numpy() @ A.numpy()
+    M = mean if side == "left" else mean.T  # directions = left singular vectors of M
+    return torch.from_numpy(_top_eigh(gram([M], M.shape[0]), K)[1])
 
 
 def shared_from_adapters(
