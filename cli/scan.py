@@ -44,6 +44,9 @@ from lorascope.formats import FORMATS
 @click.option("--retry-errors", is_flag=True, help="Read again adapters recorded as errors.")
 @click.option("--verify", is_flag=True, help="Hash every adapter, even unmodified ones.")
 @click.option(
+    "--prune", is_flag=True, help="Delete from the database adapters whose paths are gone."
+)
+@click.option(
     "--export",
     "export_path",
     type=click.Path(path_type=Path),
@@ -77,6 +80,7 @@ def scan(
     top_k: int,
     retry_errors: bool,
     verify: bool,
+    prune: bool,
     export_path: Path | None,
     table: str,
     as_json: bool,
@@ -99,6 +103,7 @@ def scan(
         top_k=top_k,
         retry_errors=retry_errors,
         verify=verify,
+        prune=prune,
         progress=sys.stderr.isatty() if progress is None else progress,
         fmt=fmt,
         alpha=alpha,

@@ -299,6 +299,13 @@ def test_adapter_rows(zoo, serial_db):
         total += len(data)
     assert rows[str(root / "llama")]["hash"] == h.hexdigest()
     assert rows[str(root / "llama")]["bytes"] == total
+    # the file: 64 KiB pages, WAL journal
+    conn = sqlite3.connect(serial_db)
+    try:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 65536
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
 
 
 def test_bad_files_are_recorded_and_the_scan_goes_on(bad, serial_db):
@@ -321,6 +328,7 @@ def test_bad_files_are_recorded_and_the_scan_goes_on(bad, serial_db):
 # ----------------------------------------------------------------------------- engines
 
 
+@pytest.mark.slow
 def test_two_local_workers_and_dask_equal_serial(zoo, bad, serial_db, tmp_path):
     two = tmp_path / "two.db"
     s2 = scan([zoo[0], bad[0]], two, workers=2, top_k=3)
@@ -466,6 +474,26 @@ def test_rescan_reads_only_what_changed(zoo, tmp_path, monkeypatch):
         for m in c.modules(adapter=str(kohya)):
             _, S, _ = _dense(*ref[m["module"]])
             np.testing.assert_allclose(m["sigma"], S[:3], rtol=0, atol=1e-10 * S[0])
+
+
+def test_prune_deletes_only_adapters_whose_paths_are_gone(zoo, tmp_path):
+    root = tmp_path / "zoo"
+    shutil.copytree(zoo[0], root)
+    db = tmp_path / "c.db"
+    scan([root], db, workers=1)
+    shutil.rmtree(root / "gpt_r2")
+    kept = scan([root], db, workers=1)  # by default a vanished adapter stays
+    assert kept.removed == 0 and ", 0 removed" not in kept.line()
+    with Collection(db) as c:
+        assert str(root / "gpt_r2") in {a["path"] for a in c.adapters()}
+        n_modules = len(c.modules(directions=False))
+        gone = len(c.modules(adapter=str(root / "gpt_r2"), directions=False))
+    pruned = scan([root / "llama"], db, workers=1, prune=True)  # prunes outside its paths too
+    assert pruned.removed == 1 and "1 removed" in pruned.line()
+    with Collection(db) as c:
+        paths = {a["path"] for a in c.adapters()}
+        assert str(root / "gpt_r2") not in paths and len(paths) == 5
+        assert len(c.modules(directions=False)) == n_modules - gone > 0
 
 
 def test_unchanged_times_skip_hashing(zoo, tmp_path, monkeypatch):

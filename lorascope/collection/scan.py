@@ -466,6 +466,8 @@ class ScanSummary:
     db : str
     new_errors : list of str
         The messages of the errors recorded by this scan.
+    removed : int
+        Adapters deleted from the database because their paths are gone (``prune``).
     """
 
     adapters: int
@@ -476,6 +478,7 @@ class ScanSummary:
     engine: str
     db: str
     new_errors: list[str] = field(default_factory=list)
+    removed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -484,7 +487,9 @@ class ScanSummary:
         """The one-line summary the CLI prints."""
         return (
             f"{self.adapters} adapters: {self.scanned} scanned, {self.skipped_unchanged} "
-            f"unchanged, {self.errors} errors; {self.seconds:.1f} s ({self.engine}) -> {self.db}"
+            f"unchanged, {self.errors} errors"
+            + (f", {self.removed} removed" if self.removed else "")
+            + f"; {self.seconds:.1f} s ({self.engine}) -> {self.db}"
         )
 
 
@@ -530,6 +535,7 @@ def scan(
     top_k: int = 8,
     retry_errors: bool = False,
     verify: bool = False,
+    prune: bool = False,
     progress: bool = False,
     **read_options: Any,
 ) -> ScanSummary:
@@ -552,6 +558,9 @@ def scan(
         Read again the adapters recorded as errors even when their files did not change.
     verify : bool
         Hash every adapter, even those whose files' size and times did not change.
+    prune : bool
+        Delete from the database the adapters (and their modules) whose paths no longer exist,
+        wherever they were scanned from (by default they stay).
     progress : bool
         A progress bar on stderr.
     **read_options
@@ -610,6 +619,7 @@ def scan(
             close = getattr(results, "close", None)
             if close is not None:
                 close()
+        removed = _prune(conn, db) if prune else 0
         bad = {p for (p,) in conn.execute("SELECT path FROM adapters WHERE status = 'error'")}
     finally:
         conn.close()
@@ -622,7 +632,28 @@ def scan(
         engine=engine,
         db=str(db),
         new_errors=new_errors,
+        removed=removed,
     )
+
+
+def _prune(conn: sqlite3.Connection, db: str | Path) -> int:
+    """Delete the adapters whose paths are gone, with their modules, in one transaction."""
+    try:
+        gone = [(i,) for i, p in conn.execute("SELECT id, path FROM adapters")
+                if not os.path.lexists(p)]  # fmt: skip
+        if gone:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("DELETE FROM modules WHERE adapter_id = ?", gone)
+                conn.executemany("DELETE FROM adapters WHERE id = ?", gone)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+    except sqlite3.Error as e:
+        raise _db.db_error(db, e) from None
+    return len(gone)
 
 
 def _plan(
