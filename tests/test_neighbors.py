@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from scipy.linalg import subspace_angles
 
-from lorascope.collection.neighbors import neighbors, outliers, robust_z
+from lorascope.collection.neighbors import (
+    MAD_FLOOR,
+    MAD_FLOOR_REL,
+    neighbors,
+    outliers,
+    robust_z,
+)
 from lorascope.errors import LoraScopeError
 
 
@@ -70,5 +76,27 @@ def test_robust_z_and_outliers_within_depth_cells():
     assert res[0].feature in ("log_fro", "log_sigma1")
     assert res[0].max_abs_z > 20 and res[1].max_abs_z < 10  # the 100x depth trend scores ~0
     cell = [r for r in recs if r["module"] == "q1"]
-    z = robust_z(np.log([r["fro"] for r in cell]))
+    z = robust_z(np.log([r["fro"] for r in cell]), MAD_FLOOR["log_fro"], MAD_FLOOR_REL)
     assert res[0].z == pytest.approx(max(z, key=abs), rel=1e-12) or res[0].feature != "log_fro"
+
+
+def test_a_cell_of_nearly_equal_updates_is_scored_against_the_mad_floor():
+    """Stable ranks 1 ± 1e-5 (rank-one updates) and one at 1.02: the raw MAD (~1e-5) would give
+    |z| ~ 1,000; the floor (1 % of the median) gives 0.6745 · 0.02 / 0.01 ≈ 1.35, no outlier.
+    One at 1.3 stays an outlier (|z| ≈ 20)."""
+    rng = np.random.default_rng(0)
+    x = 1 + 1e-5 * rng.standard_normal(12)
+    x[3], x[7] = 1.02, 1.3
+    raw = robust_z(x)
+    assert abs(raw[3]) > 500
+    z = robust_z(x, MAD_FLOOR["stable_rank"], MAD_FLOOR_REL)
+    med = np.median(x)
+    np.testing.assert_allclose(z, 0.6745 * (x - med) / (MAD_FLOOR_REL * med), rtol=1e-12)
+    recs = [
+        _rec(a, "q0", _frame(6, 2, rng), fro=1.0, sigma=np.array([1.0]), effective_rank=1.0,
+             stable_rank=float(x[a]))
+        for a in range(12)
+    ]  # fmt: skip
+    res = {o.adapter_id: o for o in outliers(recs, {a: f"a{a}" for a in range(12)})}
+    assert res[7].outlier and res[7].feature == "stable_rank"
+    assert not res[3].outlier and res[3].max_abs_z == pytest.approx(abs(z[3]), rel=1e-9)

@@ -11,7 +11,9 @@ shared modules. Two independent random ``k``-dimensional subspaces of ``R^d`` ha
 **Outliers.** Spectral features per module (``log ‖ΔW‖_F``, ``log σ_1``, effective rank, stable
 rank, k@90 %) vary with depth, so each is compared only within its own (layer, kind) cell across
 the collection: the robust z-score ``z = 0.6745·(x − median)/MAD`` (Iglewicz & Hoaglin 1993;
-``MAD`` the median absolute deviation; a cell with ``MAD = 0`` gives no score for that feature).
+``MAD`` the median absolute deviation, floored at ``MAD_FLOOR`` per feature and 1 % of the
+median, so a cell whose updates are nearly all alike does not turn a few per cent into a huge
+``z``).
 Taking the cell median removes any depth trend without assuming its form. An adapter's score is
 the largest ``|z|`` over its modules and features (reported with where it occurred) and its
 median ``|z|``; ``|z| > 3.5`` is the conventional outlier threshold.
@@ -127,11 +129,22 @@ def neighbors(
     return out
 
 
-def robust_z(x: np.ndarray) -> np.ndarray:
-    """``0.6745·(x − median)/MAD`` (NaN where ``MAD = 0`` or ``x`` is NaN)."""
+# The smallest MAD a cell is scored with, per feature: ``max(absolute, 1 % of |median|)``.
+# Without it a cell where nearly every update is alike (at the sample zoo's layer 5 W_q nearly
+# every update is rank one, stable rank 1.00-1.02) turns a 2 % difference into |z| > 100. With
+# it |z| = 3.5 needs at least ~5 % (of the value, or of ‖ΔW‖ and σ_1 for the log features) and,
+# for k@90 % (an integer), 3 ranks.
+MAD_FLOOR = {"log_fro": 0.01, "log_sigma1": 0.01, "effective_rank": 0.01, "stable_rank": 0.01,
+             "k90": 0.5}  # fmt: skip
+MAD_FLOOR_REL = 0.01
+
+
+def robust_z(x: np.ndarray, floor: float = 0.0, rel_floor: float = 0.0) -> np.ndarray:
+    """``0.6745·(x − median)/max(MAD, floor, rel_floor·|median|)`` (Iglewicz & Hoaglin 1993);
+    NaN where ``x`` is NaN or that scale is 0."""
     x = np.asarray(x, dtype=np.float64)
     med = np.nanmedian(x)
-    mad = np.nanmedian(np.abs(x - med))
+    mad = max(float(np.nanmedian(np.abs(x - med))), floor, rel_floor * abs(float(med)))
     if not np.isfinite(mad) or mad == 0:
         return np.full_like(x, np.nan)
     return 0.6745 * (x - med) / mad
@@ -204,7 +217,7 @@ def outliers(
             continue  # a median and a MAD of fewer than three values say nothing
         feats = [_features(r) for r in rows]
         for f in FEATURES:
-            z = robust_z(np.array([x[f] for x in feats]))
+            z = robust_z(np.array([x[f] for x in feats]), MAD_FLOOR[f], MAD_FLOOR_REL)
             for r, zi in zip(rows, z, strict=True):
                 if np.isfinite(zi):
                     per[int(r["adapter_id"])].append((abs(float(zi)), r["module"], f, float(zi)))
