@@ -39,7 +39,13 @@ from lorascope.formats import FORMATS
     type=click.IntRange(min=1),
     default=8,
     show_default=True,
-    help="Singular directions (V, U) stored per module; fixed per database.",
+    help="Singular directions stored per module; fixed per database.",
+)
+@click.option(
+    "--directions",
+    type=click.Choice(["right", "both"]),
+    help="Store the top right singular vectors V (what neighbors compares), or V and U (twice "
+    "the size); fixed per database. Default: the database's setting, else right.",
 )
 @click.option("--retry-errors", is_flag=True, help="Read again adapters recorded as errors.")
 @click.option("--verify", is_flag=True, help="Hash every adapter, even unmodified ones.")
@@ -78,6 +84,7 @@ def scan(
     workers: int | None,
     scheduler: str | None,
     top_k: int,
+    directions: str | None,
     retry_errors: bool,
     verify: bool,
     prune: bool,
@@ -101,6 +108,7 @@ def scan(
         workers=workers,
         scheduler=scheduler,
         top_k=top_k,
+        directions=directions,
         retry_errors=retry_errors,
         verify=verify,
         prune=prune,

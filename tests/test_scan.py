@@ -232,10 +232,19 @@ def serial_db(zoo, bad, tmp_path_factory) -> Path:
     return db
 
 
-def test_stored_numbers_equal_dense_svd(zoo, serial_db):
+@pytest.fixture(scope="module")
+def both_db(zoo, tmp_path_factory) -> Path:
+    db = tmp_path_factory.mktemp("db") / "both.db"
+    scan([zoo[0]], db, workers=1, top_k=3, directions="both")
+    return db
+
+
+@pytest.mark.parametrize("which", ["right", "both"])
+def test_stored_numbers_equal_dense_svd(zoo, serial_db, both_db, which):
     _, refs = zoo
-    with Collection(serial_db) as c:
+    with Collection(serial_db if which == "right" else both_db) as c:
         assert c.meta["top_k"] == 3 and c.meta["schema_version"] == 1
+        assert c.meta["directions"] == which
         adapters = {a["path"]: a for a in c.adapters(status="ok")}
         assert sorted(adapters) == sorted(refs)
         checked = 0
@@ -263,13 +272,34 @@ def test_stored_numbers_equal_dense_svd(zoo, serial_db):
                 kd = min(3, k)
                 assert m["k_dirs"] == kd
                 assert m["V"].shape == (A.shape[1], kd) and m["V"].dtype == np.float32
-                assert m["U"].shape == (B.shape[0], kd) and m["U"].dtype == np.float32
-                for got, want in ((m["V"], Vh[:kd].T), (m["U"], U[:, :kd])):
+                pairs = [(m["V"], Vh[:kd].T)]
+                if which == "right":
+                    assert m["U"] is None
+                else:
+                    assert m["U"].shape == (B.shape[0], kd) and m["U"].dtype == np.float32
+                    pairs.append((m["U"], U[:, :kd]))
+                for got, want in pairs:
                     np.testing.assert_allclose(got.T @ got, np.eye(kd), atol=1e-6)
                     theta = scipy.linalg.subspace_angles(got.astype(np.float64), want)
                     assert np.cos(theta).min() ** 2 == pytest.approx(1.0, abs=1e-6)
                 checked += 1
         assert checked == sum(len(r) for r in refs.values()) == 35
+
+
+def test_the_directions_setting_is_fixed_per_database(zoo, both_db, tmp_path):
+    db = tmp_path / "c.db"
+    shutil.copy(both_db, db)
+    with pytest.raises(LoraScopeError, match="directions=both, not right"):
+        scan([zoo[0]], db, workers=1, top_k=3, directions="right")
+    assert scan([zoo[0]], db, workers=1, top_k=3).skipped_unchanged == 6  # default: the db's
+    # a database from before the setting (no meta row) holds both: the default keeps both
+    conn = sqlite3.connect(db)
+    conn.execute("DELETE FROM meta WHERE key = 'directions'")
+    conn.commit()
+    conn.close()
+    scan([zoo[0]], db, workers=1, top_k=3, verify=True)
+    with Collection(db) as c:
+        assert c.meta["directions"] == "both"
 
 
 def test_adapter_rows(zoo, serial_db):

@@ -8,7 +8,8 @@ The scan has exactly one writer (the main process); workers only compute.
 Schema (version :data:`SCHEMA_VERSION`)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)
-        application = "lorascope-collection", schema_version, top_k, read_options (JSON)
+        application = "lorascope-collection", schema_version, top_k, read_options (JSON),
+        directions ("right": V only, "both": V and U; a database without it has both)
     adapters(id INTEGER PRIMARY KEY, path TEXT UNIQUE, hash TEXT, bytes INTEGER, format TEXT,
              families TEXT, base TEXT, n_modules INTEGER, ranks TEXT, status TEXT, error TEXT,
              scanned_at TEXT, lorascope_version TEXT, stat TEXT)
@@ -34,7 +35,8 @@ of shape ``(d_out, d_in)``, width ``rank`` of the factored form and configured `
 ``k99`` the energy ranks of :data:`lorascope.analysis.rank.ENERGY_LADDER`; ``sigma`` all ``k``
 singular values (float64 little-endian); ``V`` (``d_in × k_dirs``) and ``U``
 (``d_out × k_dirs``) the top ``k_dirs = min(k, top_k)`` right and left singular vectors (float32
-little-endian, row-major). Non-finite numbers are never stored (NULL instead).
+little-endian, row-major; ``U`` NULL unless the database's ``directions`` is ``both``).
+Non-finite numbers are never stored (NULL instead).
 """
 
 from __future__ import annotations
@@ -372,7 +374,7 @@ class Collection:
 
     @property
     def meta(self) -> dict[str, Any]:
-        """The scan settings: ``application``, ``schema_version``, ``top_k``,
+        """The scan settings: ``application``, ``schema_version``, ``top_k``, ``directions``,
         ``read_options`` (decoded)."""
         meta: dict[str, Any] = read_meta(self._conn)
         for key in ("schema_version", "top_k"):
@@ -412,7 +414,8 @@ class Collection:
         adapter path then file order; ``layer``/``kind``/``adapter`` (an id or a path) select.
 
         ``sigma`` is a float64 array ``(k,)``; ``V`` ``(d_in, k_dirs)`` and ``U``
-        ``(d_out, k_dirs)`` float32 arrays (left out, with ``directions=False``)."""
+        ``(d_out, k_dirs)`` float32 arrays (``U`` None unless the scan stored it; both left
+        out with ``directions=False``)."""
         return list(self._module_rows(layer, kind, adapter, directions=directions))
 
     def _module_rows(
