@@ -12,6 +12,7 @@ import torch
 
 from lorascope.adapter import FUSED_PARTS
 from lorascope.formats import FORMATS, load_adapter, load_base
+from lorascope.hub import resolve_path
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -30,6 +31,9 @@ def _parse_enable_lora(value: str | None) -> list[bool] | None:
 
 def reading_options(f: Callable) -> Callable:
     """Options that say how to read an adapter when the file does not.
+
+    An adapter argument may be a Hub name ``org/name[/sub][@rev]`` already in the local
+    Hugging Face cache (:func:`~lorascope.formats.load_adapter` resolves it).
 
     The command gets ``read(path, sizes_from=None)``: ``sizes_from`` (a base checkpoint; the
     commands that take ``--base`` pass theirs) supplies layer sizes the file does not record
@@ -138,8 +142,17 @@ def base_delta_options(f: Callable) -> Callable:
         "base_path",
         required=True,
         type=click.Path(path_type=Path),
-        help="Pre-trained weights: a tensor .pt, a state dict, a HF dir or index.json.",
+        callback=local_path,
+        help="Pre-trained weights: a tensor .pt, a state dict, a HF dir or index.json, or a "
+        "cached Hub model org/name[@rev].",
     )(f)
+
+
+def local_path(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """Click callback: a Hub name ``org/name[/sub][@rev]`` becomes the folder the local Hugging
+    Face cache holds for it (:func:`lorascope.hub.resolve_path`, never a download), so that
+    every later step (a merge copying the base's config files) sees a real path."""
+    return None if value is None else resolve_path(value)
 
 
 method_option = click.option(

@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--runslow",
+        action="store_true",
+        help="also run the tests marked slow (set when the environment has CI=true)",
+    )
+
+
+def _run_slow(config: pytest.Config) -> bool:
+    """``--runslow``, or a CI environment (``CI`` set to anything but empty/0/false/no)."""
+    ci = os.environ.get("CI", "").strip().lower()
+    return bool(config.getoption("--runslow")) or ci not in ("", "0", "false", "no")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everyday runs skip ``@pytest.mark.slow`` (multi-process, Dask cluster, notebook kernel,
+    training runs, report building); CI and ``--runslow`` run everything."""
+    if _run_slow(config):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (CI=true runs it)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch) -> None:
+    """The spectral cache (lorascope.cache) of every test in a fresh directory of its own: the
+    CLI uses it by default, and tests write only under tmp."""
+    monkeypatch.setenv("LORASCOPE_CACHE_DIR", str(tmp_path_factory.mktemp("lorascope-cache")))
 
 
 def build_tiny_gpt2():

@@ -1,5 +1,7 @@
 """The fast paths of the kernels (issue 5) against the plain routes they replace."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -130,18 +132,41 @@ def _adapter(n_layers, r, seed):
     return Adapter(modules=mods, path=f"mem{seed}", format="plain")
 
 
-def test_device_paths_run_on_cpu_and_match():
-    """The ``device=`` code paths (the CUDA route) give the same numbers on a CPU device."""
+def test_cuda_route_forced_on_cpu_tensors_matches_the_cpu_route(monkeypatch):
+    """What a CUDA ``device=`` changes, forced on CPU tensors: equal-shaped modules go through
+    batched SVDs (``batch=True``, the CUDA default), modules run in a plain loop (what
+    ``map_modules`` does off the CPU, and with one thread), factors move with ``.to(device)``.
+    The route must be taken (one 3-D factorization per shape group, none per module; none at
+    all by default on the CPU) and give the CPU route's numbers, a negative scale included."""
+    import lorascope.analysis._common as common
+
     a, b = _adapter(3, 4, 0), _adapter(3, 16, 1)
+    b.modules[1] = replace(b.modules[1], scale=-0.5)  # its sign moves into V when batched
+    ndims = []
+    real = common.factored_svd
+    monkeypatch.setattr(
+        common, "factored_svd", lambda A, *x, **k: ndims.append(A.ndim) or real(A, *x, **k)
+    )
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     for factor in ("A", "B", "right", "left"):
         plain = similarity(a, b, factor=factor)
-        moved = similarity(a, b, factor=factor, device=torch.device("cpu"))
-        assert len(plain) == 6
-        for x, y in zip(plain, moved, strict=True):
-            np.testing.assert_allclose(x.phi, y.phi, rtol=0, atol=1e-14)
-            np.testing.assert_array_equal(x.random_phi, y.random_phi)
-    for x, y in zip(spectrum(b), spectrum(b, device="cpu"), strict=True):
-        np.testing.assert_allclose(x.singular_values, y.singular_values, rtol=1e-14)
+        ndims.clear()
+        assert len(similarity(a, b, factor=factor, device="cpu")) == 6
+        assert 3 not in ndims  # the CPU default never batches
+        ndims.clear()
+        cuda = similarity(a, b, factor=factor, device="cpu", batch=True)
+        if factor in ("right", "left"):
+            assert ndims == [3, 3]  # one per shape group: r = 4 and r = 16 (q, v alike)
+        assert len(plain) == len(cuda) == 6
+        for x, y in zip(plain, cuda, strict=True):
+            assert x.module == y.module
+            np.testing.assert_allclose(y.phi, x.phi, rtol=0, atol=1e-12)
+            np.testing.assert_array_equal(y.random_phi, x.random_phi)
+    ndims.clear()
+    cuda = spectrum(b, device="cpu", batch=True)
+    assert ndims == [3]  # all six modules of b in one stack
+    for x, y in zip(spectrum(b), cuda, strict=True):
+        np.testing.assert_allclose(y.singular_values, x.singular_values, rtol=1e-12)
 
 
 @pytest.mark.parametrize("factor", ["A", "B"])

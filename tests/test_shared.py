@@ -149,7 +149,6 @@ def test_layers_null_and_errors():
     assert "basis" not in d and d["n"] == 4
 
 
-@pytest.mark.slow
 def test_dask_tsqr_route_equals_local():
     pytest.importorskip("dask.array")
     distributed = pytest.importorskip("distributed")

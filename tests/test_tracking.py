@@ -513,6 +513,7 @@ def _check_prefix(path: Path, seed: int):
     return run
 
 
+@pytest.mark.slow
 def test_killed_runs_leave_readable_prefixes(tmp_path):
     """Ten tracked runs (forked from one process, so torch is imported once) are killed with
     SIGKILL: six at random times mid-run, one right after creating its file, three inside a

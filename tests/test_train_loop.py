@@ -152,6 +152,7 @@ def test_head_only_and_full(task, tmp_path, method, n):
     assert not (tmp_path / method / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equals_one_process(task, tmp_path):
     """torchrun, gloo, 2 CPU processes, 4 rows each == 1 process on the 8-row batch."""
     single = _config(task, tmp_path / "single")

@@ -55,8 +55,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from lorascope._files import save_safetensors
 from lorascope.adapter import Adapter, LoraModule, Magnitude
 from lorascope.errors import FormatError, NonFiniteError, ShapeError
 from lorascope.families import (
@@ -663,7 +663,7 @@ def write_kohya(
         if key not in tensors and not (match and match["name"] in written):
             tensors[key] = t
     try:
-        save_file(tensors, str(path), metadata=_metadata(dict(metadata or {}), linear, conv))
+        save_safetensors(tensors, path, metadata=_metadata(dict(metadata or {}), linear, conv))
     except (OSError, TypeError, ValueError, RuntimeError) as e:
         raise FormatError(f"{path}: cannot write the kohya file: {one_line(e)}") from None
 

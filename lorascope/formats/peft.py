@@ -59,8 +59,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from lorascope._files import save_safetensors
 from lorascope.adapter import Adapter, LoraModule, Magnitude, parse_kind, parse_layer
 from lorascope.errors import FormatError, ShapeError
 from lorascope.formats._common import (
@@ -864,7 +864,7 @@ def write_peft_adapter(tensors: dict[str, torch.Tensor], config: dict, out_dir: 
             )
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        save_file(clean, str(source), metadata={"format": "pt"})
+        save_safetensors(clean, source, metadata={"format": "pt"})  # not 0o600 as save_file
         (out_dir / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     except (OSError, TypeError, ValueError) as e:
         raise FormatError(f"{out_dir}: cannot write the adapter: {one_line(e)}") from None

@@ -30,10 +30,7 @@ so every key matches exactly its own module and the result does not depend on ke
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -43,7 +40,8 @@ from typing import Any
 
 import torch
 
-from lorascope.adapter import Adapter, LoraModule
+from lorascope._files import commit, staging_dir, write_atomic
+from lorascope.adapter import Adapter, LoraModule, alpha_from_scale
 from lorascope.errors import FormatError, LoraScopeError
 from lorascope.formats._common import (
     HDF5_SUFFIXES,
@@ -345,23 +343,19 @@ def save_rank_pattern(
     )
     config["target_modules"] = sorted(suggestions)
     config["use_rslora"] = bool(adapter.config.get("use_rslora", False))
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(config, indent=2) + "\n")
     except OSError as e:
         raise FormatError(f"{path}: cannot write: {one_line(e)}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return config
 
 
 def _peft_alpha(m: LoraModule, rslora: bool) -> float:
     """The alpha that gives ``m.scale`` at ``m.rank`` (``m.alpha`` when it does)."""
-    root = m.rank**0.5 if rslora else m.rank
-    if m.alpha is not None and abs(m.alpha / root - m.scale) <= 1e-12 * abs(m.scale):
+    alpha = alpha_from_scale(m.scale, m.rank, rslora)
+    if m.alpha is not None and abs(m.alpha - alpha) <= 1e-12 * abs(alpha):
         return float(m.alpha)
-    return float(m.scale * root)
+    return alpha
 
 
 def _peft_files(adapter: Adapter, template: str | Path | None) -> tuple[dict, dict]:
@@ -431,28 +425,23 @@ def _write_atomic(
     """Write into a temporary sibling, read it back and check it, then move it into place, so a
     failed run leaves ``path`` as it was and nothing behind."""
     is_dir = fmt == "peft"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp_dir.mkdir()  # not tempfile.mkdtemp: its 0700 would become the adapter directory's mode
     try:
-        tmp = tmp_dir if is_dir else tmp_dir / path.name
-        write(tmp)
-        _verify(tmp, fmt, expected)
-        if not is_dir:
-            os.replace(tmp, path)
-        elif not path.exists() or not any(path.iterdir()):
-            if path.exists():
-                path.rmdir()
-            os.replace(tmp_dir, path)
-        else:  # force into an existing adapter directory: replace its adapter files
-            for stale in ADAPTER_FILES:
-                (path / stale).unlink(missing_ok=True)
-            for f in tmp_dir.iterdir():
-                os.replace(f, path / f.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with staging_dir(path) as tmp_dir:  # a fresh sibling with the usual (umask) mode
+            tmp = tmp_dir if is_dir else tmp_dir / path.name
+            write(tmp)
+            _verify(tmp, fmt, expected)
+            if not is_dir:
+                commit(tmp, path)
+            elif not path.exists() or not any(path.iterdir()):
+                commit(tmp_dir, path)
+            else:  # force into an existing adapter directory: replace its adapter files
+                for stale in ADAPTER_FILES:
+                    (path / stale).unlink(missing_ok=True)
+                for f in list(tmp_dir.iterdir()):
+                    commit(f, path / f.name)
     except OSError as e:
         raise FormatError(f"{path}: cannot write: {one_line(e)}") from None
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _verify(path: Path, fmt: str, expected: Adapter) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorascope.adapter import alpha_from_scale
 from lorascope.analysis.compare import settle_index
 from lorascope.errors import LoraScopeError
 from lorascope.linalg import factored_svd, phi_from_cross, principal_angles
@@ -243,7 +244,7 @@ def dynamics(
         if k90_final is not None and k90_final < r and meta.get("family") in ("lora", "dora"):
             suggested = k90_final
             s = abs(float(meta["scale"]))
-            alpha = s * (math.sqrt(suggested) if rslora else suggested)
+            alpha = alpha_from_scale(s, suggested, rslora)
         collapsed = _stays(np.array(k99, dtype=object), lambda v: v == 1) if r > 1 else None
         per_step = [
             None if c is None else c / float(g) for c, g in zip(col("change"), gaps, strict=True)

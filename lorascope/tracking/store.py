@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from lorascope._files import commit, sibling
 from lorascope.errors import FormatError
 
 __all__ = ["FORMAT", "VERSION", "RunWriter", "Run", "read_run", "SCALARS"]
@@ -118,7 +119,7 @@ class RunWriter:
             raise FormatError(f"{self.path}: exists; tracking will not overwrite it")
         self.M = len(modules)
         self.K = max(int(m["rank"]) for m in modules)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp = sibling(self.path)  # the file is laid out here, then renamed into place
         f = h5py.File(tmp, "w", libver="latest")
         try:
             f.attrs["format"] = FORMAT
@@ -159,7 +160,7 @@ class RunWriter:
             s.create_dataset("done", (0,), dtype="i8", maxshape=(None,), chunks=(16,))
             f.flush()
             f.swmr_mode = True  # from here on, readers see a consistent file at every instant
-            os.replace(tmp, self.path)
+            commit(tmp, self.path)  # still open: the writer goes on appending to it
         except BaseException:
             f.close()
             tmp.unlink(missing_ok=True)

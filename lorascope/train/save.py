@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorascope.adapter import alpha_from_scale
 from lorascope.errors import LoraScopeError
 from lorascope.train.inject import inject, lora_layers
 from lorascope.train.layers import LoRALinear, MergedLoRALinear
@@ -148,4 +149,4 @@ def _alpha(m: Any, cfg: dict) -> float:
     """A module's alpha: as read, else recovered from its scale."""
     if m.alpha is not None:
         return float(m.alpha)
-    return m.scale * (math.sqrt(m.rank) if cfg.get("use_rslora") else m.rank)
+    return alpha_from_scale(m.scale, m.rank, bool(cfg.get("use_rslora")))

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lorascope._files import save_safetensors
 from lorascope.train.config import ConfigError, TrainConfig
 from lorascope.train.data import TextData, load_text_data, load_tokenizer
 from lorascope.train.inject import count_parameters, inject, mark_only_lora_as_trainable
@@ -116,7 +116,7 @@ def _setup(config: TrainConfig) -> tuple[int, int, torch.device, bool]:
 
 def _save_head(model: TextClassifier, labels: list[str], path: Path) -> None:
     head = {k: v.detach().cpu().contiguous() for k, v in model.classifier.state_dict().items()}
-    save_file(
+    save_safetensors(  # atomically, and 0o644 (save_file alone writes 0o600)
         {f"classifier.{k}": v for k, v in head.items()},
         path,
         metadata={"labels": json.dumps(labels)},
