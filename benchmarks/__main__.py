@@ -8,6 +8,11 @@
    time, peak RSS, and the read floor.
 4. ``lorascope amplify`` against a sharded fp16 base checkpoint: time, bytes read vs bytes needed,
    and the W-top-r baseline's accuracy vs an exact SVD.
+5. With ``--device cuda`` (or ``--only gpu``): the accelerator check of :mod:`benchmarks.gpu_check`,
+   the training core and the batched amplify on the device against the CPU.
+
+The LLM-scale benchmark of issue 15 (a Llama-3-8B-shaped checkpoint) is separate:
+``python benchmarks/llm_scale.py``.
 
 Only the section between ``<!-- analysis:start -->`` and ``<!-- analysis:end -->`` of
 BENCHMARKS.md is rewritten; everything else in the file is kept.
@@ -17,6 +22,7 @@ Usage::
     python -m benchmarks                    # full run (~10 minutes on 2 cores; ~4 GB temp files)
     python -m benchmarks --quick            # small shapes, a smoke test (~1 minute)
     python -m benchmarks --device cuda --repeats 5
+    python -m benchmarks --device cuda --quick        # the GPU check (< 5 minutes)
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--only",
         nargs="+",
-        choices=["svd", "grid", "model", "amplify"],
+        choices=["svd", "grid", "model", "amplify", "gpu"],
         help="run only these parts (the section is written only for a full run)",
     )
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
@@ -58,13 +64,14 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the analysis section of ``path`` (append it if absent), keeping the rest."""
+def write_section(path: Path, text: str, start: str = START, end: str = END) -> None:
+    """Replace the section of ``path`` between the markers ``start`` and ``end`` (the analysis
+    section by default; append it if absent), keeping the rest."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{text.rstrip()}\n{END}"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        tail = rest.split(END, 1)[1]
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        tail = rest.split(end, 1)[1]
         new = head + block + tail
     else:
         new = old.rstrip("\n") + "\n\n" + block + "\n"
@@ -75,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     parts = set(args.only or ["svd", "grid", "model", "amplify"])
+    if args.only is None and device.type != "cpu":
+        parts.add("gpu")
     q = args.quick
     t_start = time.perf_counter()
     out = []
@@ -179,6 +188,17 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if tmp is not None:
                 tmp.cleanup()
+    if "gpu" in parts:
+        from benchmarks.gpu_check import gpu_rows
+
+        out.append(f"### 5. Accelerator check ({device})\n")
+        out.append(
+            "The same computation on the device and on the CPU (`benchmarks/gpu_check.py`): 20 "
+            "AdamW steps of a LoRA-injected MLP (float32, TF32 off), and `amplify` over the "
+            "quick Llama-shaped checkpoint of `benchmarks/llm_scale.py` (ΔW's SVDs batched on "
+            "CUDA, W's top-r and the blocked products on the device).\n"
+        )
+        out.append(gpu_rows(device, log) + "\n")
     out.append(f"Total benchmark time: {time.perf_counter() - t_start:.0f} s.\n")
     text = "\n".join(out)
     print(text)

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import zlib
 
 import matplotlib
 import numpy as np
@@ -71,7 +72,7 @@ def module(A, B, scale=1.0, name="model.layers.3.self_attn.q_proj") -> LoraModul
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("shape", [(90, 90), (130, 70), (70, 130)], ids=["square", "tall", "wide"])
 def test_matches_dense_definition(shape, side, method):
-    rng = np.random.default_rng(hash((shape, side)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(f"{shape} {side}".encode()))  # same every run
     m, n = shape
     r, scale = 6, 2.0
     W = rng.standard_normal((m, n)) / math.sqrt(n)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -38,8 +38,18 @@ import torch
 
 from lorascope.adapter import Adapter, LoraModule
 from lorascope.analysis._common import Device, checked_weight, module_svdvals, update_fields
+from lorascope.cache import SpectralCache
+from lorascope.columns import (
+    Column,
+    Results,
+    Tabular,
+    ident,
+    ident_columns,
+    new_figure,
+    png_bytes,
+)
 from lorascope.errors import LoraScopeError, ShapeError, ZeroUpdateError
-from lorascope.linalg import SVD, top_singular
+from lorascope.linalg import SVD, brand_update_factors, top_singular
 from lorascope.update import dora_gain, merged_weight, with_base
 
 __all__ = [
@@ -126,41 +136,6 @@ class SVDCache:
             self._store.pop(next(iter(self._store)))
         self._store[k] = svd
         return svd
-
-
-def _complement(Q: torch.Tensor, M: torch.Tensor, dim: int) -> torch.Tensor:
-    """Orthonormal ``(n, dim)`` basis ⟂ ``Q`` (``(n, p)`` orthonormal) that spans the part of
-    ``range(M)`` outside ``range(Q)`` (Brand's update). Extra directions are harmless: they only
-    add rows/columns to ``K`` that the exact factors fill. Re-projected and re-orthonormalized
-    (up to three times) until ``|Qᵀ P| <= 16·eps``, so it is ⟂ ``Q`` to working precision even
-    when ``M`` lies (almost) inside ``range(Q)``, where the first projection is all rounding.
-    """
-    R = M - Q @ (Q.mT @ M)  # (n, r): the part of M's columns outside range(Q)
-    P = torch.linalg.svd(R, full_matrices=False).U[:, :dim]  # (n, dim), R's main directions first
-    tiny = 16 * torch.finfo(P.dtype).eps
-    for _ in range(3):  # "twice is enough" (Kahan–Parlett), once more for an all-inside M
-        C = Q.mT @ P  # (p, dim)
-        if float(C.abs().max()) <= tiny:
-            break
-        P = torch.linalg.qr(P - Q @ C).Q
-    return P
-
-
-def _factors(svd: SVD, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``X (p + rb, r)`` and ``Yt (r, p + ra)`` with ``K = D + s·X Yt`` (module docstring)."""
-    U, V = svd.U, svd.V  # (m, p), (n, p)
-    m, p = U.shape
-    n = V.shape[0]
-    r = A.shape[0]
-    X = U.mT @ B  # (p, m) @ (m, r) -> (p, r)
-    Yt = A @ V  # (r, n) @ (n, p) -> (r, p)
-    if m > p:  # tall W: U does not span R^m; B may leave range(U)
-        P = _complement(U, B, min(r, m - p))  # (m, rb)
-        X = torch.cat([X, P.mT @ B])  # (p + rb, r)
-    if n > p:  # wide W: V does not span R^n; Aᵀ may leave range(V)
-        Q = _complement(V, A.mT, min(r, n - p))  # (n, ra)
-        Yt = torch.cat([Yt, A @ Q], dim=1)  # (r, p + ra)
-    return X, Yt
 
 
 def _top_left_iterative(
@@ -305,7 +280,7 @@ def intruder_similarity(
         Y, sv, _ = torch.linalg.svd(Wt, full_matrices=False)  # (m, p'), (p',)
         sim = (Y[:, :k].mT @ svd.U).abs()  # (k, m) @ (m, p) -> (k, p)
         return IntruderSimilarity(sim.clamp_(0.0, 1.0), sv[:k], "exact")
-    X, Yt = _factors(svd, A, B)  # K = D + s·X Yt
+    X, Yt = brand_update_factors(svd, A, B)  # K = D + s·X Yt
     u, s = _top_left_iterative(
         svd.S.double().cpu().numpy(),
         (scale * X).double().cpu().numpy(),
@@ -325,8 +300,16 @@ def count_intruders(max_similarity: torch.Tensor | np.ndarray, epsilon: float) -
     return int((np.asarray(max_similarity) < epsilon).sum())
 
 
+_MATRIX_TIDY = (
+    *ident_columns(),
+    Column("j", doc="rank of the singular vector of W + ΔW"),
+    Column("i", doc="rank of the singular vector of W"),
+    Column("similarity", "|cos|", doc="|cos(y_j, x_i)|"),
+)
+
+
 @dataclass
-class IntruderResult:
+class IntruderResult(Tabular):
     """Intruder dimensions of one module (Shuttleworth et al. 2024, Def. 1).
 
     Indices are 1-based ranks, as in the paper's figures: ``j`` for ``W + ΔW``, ``i`` for ``W``.
@@ -376,6 +359,78 @@ class IntruderResult:
     family: str = "lora"
     update: str = "full"
 
+    MATRIX_TIDY = _MATRIX_TIDY  # ``--csv --matrix``: one row per entry of ``similarity``
+
+    def table_columns(self) -> tuple[Column, ...]:
+        eps = self.epsilon
+        counts = tuple(
+            Column(f"intruders_eps_{e:g}", f"intruders ε={e:g}", get=lambda r, t=t: r.counts[t])
+            for t, e in enumerate(eps)
+        )
+        return (
+            *ident_columns(),
+            *counts,
+            Column(
+                "intruders",
+                f"at j (ε={eps[0]:g})",
+                get=lambda r: ",".join(map(str, r.intruders[0])) or None,
+                doc="ranks j of the intruders at the first ε",
+            ),
+            Column("min_max_similarity", "min max|cos|", get=lambda r: min(r.max_similarity)),
+            Column(
+                "sigma1_ratio",
+                "σ1(W+ΔW)/σ1(W)",
+                get=lambda r: r.singular_values[0] / r.base_singular_values[0],
+            ),
+        )
+
+    def tidy_columns(self) -> tuple[Column, ...]:
+        return (
+            *ident_columns(),
+            Column("j", doc="rank of the singular vector y_j of W + ΔW"),
+            Column("singular_value", "σ_j(W+ΔW)"),
+            Column("max_similarity", "max|cos|", doc="max_i |cos(y_j, x_i)|"),
+            Column("best_match", "best i", doc="the i attaining it"),
+            *(
+                Column(f"intruder_eps_{e:g}", f"intruder ε={e:g}", doc="1 if max|cos| < ε")
+                for e in self.epsilon
+            ),
+        )
+
+    def tidy(self) -> Iterator[dict]:
+        base = ident(self)
+        for j in range(self.k):
+            ms = self.max_similarity[j]
+            yield {
+                **base,
+                "j": j + 1,
+                "singular_value": self.singular_values[j],
+                "max_similarity": ms,
+                "best_match": self.best_match[j],
+                **{f"intruder_eps_{e:g}": int(ms < e) for e in self.epsilon},
+            }
+
+    def matrix_rows(self) -> Iterator[list]:
+        """Rows of :attr:`MATRIX_TIDY`: ``j``, ``i`` (from 1) and ``|cos(y_j, x_i)|``."""
+        base = list(ident(self).values())
+        for j, row in enumerate(self.similarity):
+            for i, c in enumerate(row):
+                yield [*base, j + 1, i + 1, float(c)]
+
+    def caption(self) -> str:
+        return (
+            f"intruder dimensions of W + ΔW · {self.module} · {self.family} · rank {self.rank} · "
+            f"{self.side} singular vectors, top {self.k}"
+        )
+
+    def png(self) -> bytes:
+        """The ``|cos|`` heatmap (:func:`lorascope.plot.plot_intruders`) as PNG bytes."""
+        from lorascope.plot import plot_intruders
+
+        fig = new_figure(5.0, 0.16 * self.k + 1.4)
+        plot_intruders(self, fig.add_subplot())
+        return png_bytes(fig)
+
     def to_dict(self, matrix: bool = False) -> dict:
         """JSON-ready; the ``(k, p)`` similarity matrix only with ``matrix=True``."""
         d = {
@@ -421,7 +476,7 @@ def module_intruders(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     device: Device = None,
-    cache: SVDCache | None = None,
+    cache: SVDCache | SpectralCache | None = None,
 ) -> IntruderResult:
     """Intruder dimensions of one module against its pre-trained weight.
 
@@ -437,8 +492,9 @@ def module_intruders(
         See :func:`intruder_similarity`.
     epsilon : float or sequence of float
         Threshold(s) ε in ``(0, 1]``; ``y_j`` is an intruder iff ``max_i |cos| < ε``.
-    cache : SVDCache, optional
-        Reuses ``W``'s SVD across calls (e.g. several adapters of one base model).
+    cache : SVDCache or SpectralCache, optional
+        Reuses ``W``'s SVD across calls (e.g. several adapters of one base model): in memory
+        (:class:`SVDCache`), or on disk across runs (:class:`lorascope.cache.SpectralCache`).
 
     Returns
     -------
@@ -513,22 +569,25 @@ def intruders(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     device: Device = None,
-    cache: SVDCache | None = None,
-) -> list[IntruderResult]:
+    cache: SVDCache | SpectralCache | None = None,
+) -> Results[IntruderResult]:
     """:func:`module_intruders` for every selected module of ``adapter``.
 
     ``base`` is a :class:`lorascope.formats.BaseWeights` (or anything with
     ``weight_for(module) -> Tensor``); only the weights of the selected modules are read, one at
     a time. Pass one :class:`SVDCache` to several calls to factor each base weight once (without
-    one nothing is kept: a cached SVD of a ``12288²`` weight holds 2.4 GB in float64).
+    one nothing is kept: a cached SVD of a ``12288²`` weight holds 2.4 GB in float64), or a
+    :class:`lorascope.cache.SpectralCache` to keep them on disk for later runs.
     """
     eps = _epsilons(epsilon)  # fail before reading anything
     if k < 1:
         raise LoraScopeError(f"k must be at least 1, got {k}")
-    return [
+    fingerprint = getattr(base, "fingerprint", lambda m: None)
+    tag = getattr(cache, "tag", lambda W, source: W)  # a SpectralCache keys W by its source
+    return Results(
         module_intruders(
             m,
-            base.weight_for(m),
+            tag(base.weight_for(m), fingerprint(m)),
             k=k,
             epsilon=eps,
             side=side,
@@ -540,4 +599,4 @@ def intruders(
             cache=cache,
         )
         for m in adapter.select(layer=layer, module=module)
-    ]
+    )

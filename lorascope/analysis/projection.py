@@ -10,6 +10,7 @@ emphasise (paper, GPT-3 layer 48 W_q: 6.91/0.32 ≈ 21.5 at r = 4, ≈ 1.9 at r 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -23,15 +24,27 @@ from lorascope.analysis._common import (
     module_svd,
     update_fields,
 )
+from lorascope.cache import SpectralCache
+from lorascope.columns import Column, Results, Tabular, ident_columns
 from lorascope.errors import ZeroUpdateError
-from lorascope.linalg import frobenius_norm, projection_norm, random_orthonormal, top_singular
+from lorascope.linalg import random_orthonormal, top_singular, weight_products
 from lorascope.update import dora_gain, full_update_svdvals, with_base
 
 __all__ = ["ProjectionResult", "module_amplification", "amplify"]
 
 
+_NORMS = (
+    Column("norm_weight", "‖W‖_F", doc="Frobenius norm of W"),
+    Column("norm_delta", "‖ΔW‖_F", doc="Frobenius norm of ΔW"),
+    Column("proj_delta", "‖UᵀWV‖ ΔW", doc="‖UᵀWV‖_F, U, V: top-k singular vectors of ΔW"),
+    Column("proj_weight", "‖UᵀWV‖ W", doc="‖UᵀWV‖_F, U, V: top-k singular vectors of W"),
+    Column("proj_random", "‖UᵀWV‖ random", doc="‖UᵀWV‖_F, U, V: random (seeded)"),
+)
+_AMP_DOC = "‖ΔW‖_F / ‖UᵀWV‖_F with ΔW's directions (paper §7.3, Table 7)"
+
+
 @dataclass
-class ProjectionResult:
+class ProjectionResult(Tabular):
     """Table 7 for one module; every norm is a Frobenius norm.
 
     Attributes
@@ -42,7 +55,8 @@ class ProjectionResult:
         ``‖ΔW‖_F``, ``‖W‖_F``.
     proj_delta, proj_weight, proj_random : float
         ``‖Uᵀ W V‖_F`` with ``U, V`` the top-``k`` singular vectors of ``ΔW``, of ``W``, and of
-        a seeded random Gaussian matrix.
+        a seeded random Gaussian matrix. ``proj_weight`` (``= ‖σ_1..k(W)‖``) is None when the
+        W baseline was skipped (``w_baseline=False``).
     random_expected : float
         ``k·‖W‖_F / sqrt(d_out·d_in)``, the closed-form size of ``proj_random``.
     amplification : float
@@ -51,6 +65,9 @@ class ProjectionResult:
         DoRA only: ``‖W' − W‖_F`` and the top-``k`` singular values of the whole update
         ``diag(g − 1)·W + diag(g)·s·B A`` (by ARPACK on an operator, never dense); the other
         columns describe its rank-r part ``diag(g)·s·B A`` (``update="dora-rank-r"``).
+    proj_weight_bound : float or None
+        Bound on the relative error of ``proj_weight`` when ``W``'s top-``k`` came from the
+        iterative route (:class:`lorascope.linalg.TopSVDInfo` ``sigma_bound``); None when exact.
     """
 
     module: str
@@ -62,7 +79,7 @@ class ProjectionResult:
     norm_delta: float
     norm_weight: float
     proj_delta: float
-    proj_weight: float
+    proj_weight: float | None
     proj_random: float
     random_expected: float
     amplification: float
@@ -70,6 +87,14 @@ class ProjectionResult:
     update: str = "full"
     full_norm_delta: float | None = None
     full_singular_values: list[float] | None = None
+    proj_weight_bound: float | None = None
+
+    COLUMNS = (*ident_columns(), *_NORMS, Column("amplification", doc=_AMP_DOC))
+    TIDY = (  # CSV: an infinite amplification is empty, as in the JSON (null)
+        *ident_columns(),
+        *_NORMS,
+        Column("amplification", get=lambda r: r.to_dict()["amplification"], doc=_AMP_DOC),
+    )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -87,6 +112,7 @@ def module_amplification(
     method: Literal["auto", "exact", "iterative"] = "auto",
     dtype: torch.dtype = torch.float64,
     device: Device = None,
+    w_baseline: bool = True,
 ) -> ProjectionResult:
     """Table 7 quantities for one module against its pre-trained weight.
 
@@ -100,11 +126,23 @@ def module_amplification(
     seed : int
         Seeds the random baseline.
     method :
-        How ``W``'s top-``r`` subspace is found (:func:`lorascope.linalg.top_singular`).
+        How ``W``'s top-``r`` subspace is found (:func:`lorascope.linalg.top_singular`; inside
+        ``SpectralCache.active()`` it comes from the cache when an earlier run computed it).
+    w_baseline : bool
+        Compute ``proj_weight`` (``W``'s top-``k`` singular values, the one column that needs a
+        factorization of ``W``); False leaves it None and costs one read of ``W``.
 
     Returns
     -------
     ProjectionResult
+
+    Notes
+    -----
+    ``‖W‖_F``, ``W V_ΔW`` and ``W V_random`` come from one pass over ``W`` (upcast a block of
+    rows at a time, :func:`lorascope.linalg.weight_products`); then ``‖Uᵀ W V‖_F`` is a
+    ``(k, d_out) @ (d_out, k)`` product for each. ``ΔW`` is never formed (its factored SVD,
+    :func:`lorascope.linalg.factored_svd`). ``proj_weight = ‖Σ_top-k(W)‖`` since
+    ``U_Wᵀ W V_W = Σ_top-k``.
     """
     W = checked_weight(module, W)
     full = None
@@ -114,20 +152,23 @@ def module_amplification(
         module = with_base(module, W, dtype=dtype, gain=g)  # the rank-r part diag(g)·s·B A
     svd = module_svd(module, dtype=dtype, device=device)
     # W stays in its stored dtype (fp16 for a 12288² W is 302 MB; a float64 copy would be 1.2 GB):
-    # every product below upcasts it one block of rows at a time (linalg.blocked_matmul).
+    # every product below upcasts it one block of rows at a time (linalg.weight_products).
     W = W.to(device=svd.U.device)
-    norm_w = frobenius_norm(W, dtype=dtype)
-    if norm_w == 0.0:
-        raise ZeroUpdateError(f"{module.tensor_name()}: the base weight W is all zero")
     k = min(module.rank, *module.shape)
     U, V = svd.U[:, :k], svd.V[:, :k]  # (out, k), (in, k)
-    proj_delta = projection_norm(W, U, V)
-    proj_weight = float(
-        torch.linalg.vector_norm(top_singular(W, k, method=method, seed=seed, dtype=dtype).S)
-    )
     g = torch.Generator().manual_seed(seed)
-    Ur = random_orthonormal(module.d_out, k, g, dtype=dtype).to(W.device)
-    Vr = random_orthonormal(module.d_in, k, g, dtype=dtype).to(W.device)
+    Ur = random_orthonormal(module.d_out, k, g, dtype=dtype).to(W.device)  # (out, k)
+    Vr = random_orthonormal(module.d_in, k, g, dtype=dtype).to(W.device)  # (in, k)
+    WV, norm_w = weight_products(W, torch.cat([V, Vr], 1), dtype=dtype)  # (out, 2k), ‖W‖_F
+    if norm_w == 0.0:
+        raise ZeroUpdateError(f"{module.tensor_name()}: the base weight W is all zero")
+    proj_delta = float(torch.linalg.matrix_norm(U.mT @ WV[:, :k]))  # (k, out) @ (out, k)
+    proj_random = float(torch.linalg.matrix_norm(Ur.mT @ WV[:, k:]))
+    proj_weight = bound = None
+    if w_baseline:
+        top, stats = top_singular(W, k, method=method, seed=seed, dtype=dtype, info=True)
+        proj_weight = float(torch.linalg.vector_norm(top.S))
+        bound = None if stats is None else stats.sigma_bound
     norm_delta = float(torch.linalg.vector_norm(svd.S))
     return ProjectionResult(
         **update_fields(module),
@@ -141,11 +182,12 @@ def module_amplification(
         norm_weight=norm_w,
         proj_delta=proj_delta,
         proj_weight=proj_weight,
-        proj_random=projection_norm(W, Ur, Vr),
+        proj_random=proj_random,
         random_expected=k * norm_w / math.sqrt(module.d_out * module.d_in),
         amplification=norm_delta / proj_delta if proj_delta > 0 else math.inf,
         full_norm_delta=None if full is None else full[1],
         full_singular_values=None if full is None else [float(x) for x in full[0]],
+        proj_weight_bound=bound,
     )
 
 
@@ -160,19 +202,37 @@ def amplify(
     dtype: torch.dtype = torch.float64,
     device: Device = None,
     batch: bool | None = None,
-) -> list[ProjectionResult]:
+    w_baseline: bool = True,
+    cache: SpectralCache | None = None,
+) -> Results[ProjectionResult]:
     """:func:`module_amplification` for every selected module of ``adapter``.
 
     ``base`` is a :class:`lorascope.formats.BaseWeights` (or anything with
     ``weight_for(module) -> Tensor``); only the weights of the selected modules are read, one
-    at a time (memory: the largest ``W`` in flight, kept in its stored dtype). ``batch``: see
-    :func:`lorascope.analysis._common.batched_svds` (default: on CUDA only).
+    at a time, the next one while the current one is analysed (memory: the two largest ``W``
+    in flight, kept in their stored dtype). ``batch``: see
+    :func:`lorascope.analysis._common.batched_svds` (default: on CUDA only). ``cache``: ``W``'s
+    top-``k`` singular values come from it when an earlier run (any adapter on this base)
+    stored them, and are stored there otherwise (:class:`lorascope.cache.SpectralCache`).
     """
     mods = adapter.select(layer=layer, module=module)
-    with batched_svds(mods, dtype=dtype, device=device, enabled=batch):
-        return [
-            module_amplification(
-                m, base.weight_for(m), seed=seed, method=method, dtype=dtype, device=device
-            )
-            for m in mods
-        ]
+    cache = cache if cache is not None else SpectralCache(enabled=False)
+    fingerprint = getattr(base, "fingerprint", lambda m: None)
+    kw = {"seed": seed, "method": method, "dtype": dtype, "device": device}
+
+    def read(m: LoraModule) -> torch.Tensor:
+        return cache.tag(base.weight_for(m), fingerprint(m))  # (d_out, d_in), as stored
+
+    out = Results()
+    with (
+        batched_svds(mods, dtype=dtype, device=device, enabled=batch),
+        cache.active(),
+        ThreadPoolExecutor(max_workers=1) as reader,  # reads the next W while this one runs
+    ):
+        ahead = reader.submit(read, mods[0]) if mods else None
+        for i, m in enumerate(mods):
+            W = ahead.result()
+            ahead = reader.submit(read, mods[i + 1]) if i + 1 < len(mods) else None
+            out.append(module_amplification(m, W, w_baseline=w_baseline, **kw))
+            del W  # at most two W in flight: this one and the next
+    return out

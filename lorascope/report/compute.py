@@ -34,8 +34,10 @@ from lorascope.analysis import (
     similarity,
     weight_similarity,
 )
+from lorascope.cache import SpectralCache
 from lorascope.errors import LoraScopeError, MissingModuleError
 from lorascope.formats import BaseWeights, load_base
+from lorascope.linalg import top_singular
 from lorascope.report.inputs import Member, display_path
 
 __all__ = ["ReportOptions", "ReportData", "compute_report", "KIND_ORDER"]
@@ -76,6 +78,10 @@ class ReportOptions:
         Resolution of the PNG figures (PDFs are vector, heatmaps rasterized at this dpi).
     progress : bool
         Show a tqdm progress bar on stderr.
+    cache : bool
+        Keep W's top singular triplets in the user cache directory
+        (:class:`lorascope.cache.SpectralCache`) for later runs on the same base. Within a
+        run each W is decomposed once for all adapters either way.
     """
 
     layer: int | None = None
@@ -91,6 +97,7 @@ class ReportOptions:
     device: str = "cpu"
     dpi: int = 110
     progress: bool = True
+    cache: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -211,6 +218,7 @@ def compute_report(
     members: Sequence[Member],
     base: str | Path | BaseWeights | None = None,
     options: ReportOptions | None = None,
+    cache: SpectralCache | None = None,
 ) -> ReportData:
     """Compute every analysis of the report (see the module docstring).
 
@@ -221,6 +229,9 @@ def compute_report(
     base : path or BaseWeights, optional
         Pre-trained weights; without them Figure 8 and Table 7 are skipped (noted).
     options : ReportOptions, optional
+    cache : SpectralCache, optional
+        Where ``W``'s top singular triplets are kept across runs (default: this run only; each
+        ``W`` is decomposed once for all adapters either way).
 
     Returns
     -------
@@ -275,7 +286,9 @@ def compute_report(
         if base_w is None:
             notes.append("Figure 8 and Table 7 skipped: they need the base weights (--base).")
             return data
-        _against_base(data, mods, base_w, bar, dtype, device)
+        cache = cache if cache is not None else SpectralCache(enabled=options.cache)
+        with cache.active():
+            _against_base(data, mods, base_w, bar, dtype, device, cache)
     return data
 
 
@@ -286,9 +299,11 @@ def _against_base(
     bar: tqdm,
     dtype: torch.dtype,
     device: torch.device,
+    cache: SpectralCache,
 ) -> None:
     """Table 7 for every module and Figure 8 at the chosen layer, reading each base weight
-    once (only one ``W`` is held at a time, so a large base costs one matrix of memory)."""
+    once (only one ``W`` is held at a time, so a large base costs one matrix of memory) and
+    decomposing it once for all adapters (its top singular triplets, through ``cache``)."""
     o = data.options
     primaries = {m.label for m in data.primaries}
     keys = list(dict.fromkeys(x.key for xs in mods.values() for x in xs))
@@ -297,14 +312,22 @@ def _against_base(
         data.projections[m.label] = []
         if m.label in primaries:
             data.weight_sim[m.label] = {}
+    kw = {"seed": o.seed, "method": o.method, "dtype": dtype, "device": device}
     for key in keys:
         W = None
-        for m in data.members:
-            x = by_key[m.label].get(key)
-            if x is None:
-                continue
-            W = base_w.weight_for(x) if W is None else W  # (d_out, d_in)
-            kw = {"seed": o.seed, "method": o.method, "dtype": dtype, "device": device}
+        users = [(m, by_key[m.label][key]) for m in data.members if key in by_key[m.label]]
+        for m, x in users:
+            if W is None:
+                source = getattr(base_w, "fingerprint", lambda m: None)(x)  # cache identity
+                W = cache.tag(base_w.weight_for(x), source)  # (d_out, d_in)
+                # W's top singular triplets once for every adapter, rank and seed: the most
+                # any of them asks for (Table 7: its rank; Figure 8: weight_top), so each
+                # later request is served from the cache (a top-k entry serves k' <= k)
+                need = [y.rank for _, y in users]
+                need += [
+                    o.weight_top for n, y in users if n.label in primaries and y.layer == o.layer
+                ]
+                top_singular(W, max(need), method=o.method, seed=o.seed, dtype=dtype)
             data.projections[m.label].append(module_amplification(x, W, **kw))
             bar.update()
             if (
