@@ -6,12 +6,12 @@ import math
 from pathlib import Path
 
 import click
-import numpy as np
 
-from lorascope.adapter import Adapter
+from lorascope.adapter import Adapter, LoraModule
 from lorascope.analysis import amplify as amplify_api
 from lorascope.analysis import similarity as similarity_api
 from lorascope.analysis import spectrum as spectrum_api
+from lorascope.cache import SpectralCache
 from lorascope.cli.options import (
     base_delta_options,
     compute_options,
@@ -21,14 +21,10 @@ from lorascope.cli.options import (
     selection_options,
     side_option,
 )
-from lorascope.cli.output import print_csv, print_json, print_table, save_plot
+from lorascope.cli.output import print_csv, print_json, print_results, print_table, save_plot
 from lorascope.errors import NonFiniteError
 from lorascope.formats import load_base
 from lorascope.linalg import safe_norm
-
-
-def _ident(d: dict) -> list:
-    return [d["module"], d["layer"], d["kind"], d["rank"]]
 
 
 @click.command()
@@ -44,69 +40,12 @@ def inspect(adapter: Path, read, layer, module, out) -> None:
     for m in mods:
         if not all(math.isfinite(safe_norm(t)) for t in (m.A, m.B)):
             raise NonFiniteError(f"{m.tensor_name()}: the norm of a factor overflows float64")
-    rows = [
-        {
-            "module": m.key,
-            "layer": m.layer,
-            "kind": m.kind,
-            "rank": m.rank,
-            "family": m.family,
-            "r": m.r,
-            "params": m.params,
-            "dora": m.is_dora,
-            "update": m.update,
-            "shape": [m.d_out, m.d_in],
-            "scale": float(m.scale),
-            "alpha": m.alpha,
-            "dtype": str(m.A.dtype).removeprefix("torch."),
-            "norm_A": safe_norm(m.A),
-            "norm_B": safe_norm(m.B),
-            "format": ad.format,
-            "source": m.source,
-        }
-        for m in mods
-    ]
-    cols = [
-        "module",
-        "layer",
-        "kind",
-        "rank",
-        "family",
-        "r",
-        "params",
-        "d_out",
-        "d_in",
-        "scale",
-        "alpha",
-        "dtype",
-        "norm_A",
-        "norm_B",
-    ]
-    table = [
-        [
-            *_ident(r),
-            r["family"] + ("+dora" if r["dora"] and r["family"] != "dora" else ""),
-            r["r"],
-            r["params"],
-            *r["shape"],
-            r["scale"],
-            r["alpha"],
-            r["dtype"],
-            r["norm_A"],
-            r["norm_B"],
-        ]
-        for r in rows
-    ]
     if out == "json":
-        print_json(rows)
+        print_json(ad.records(mods))
     elif out == "csv":
-        print_csv(cols, table)
+        print_csv(LoraModule.COLUMNS, [m.row() for m in mods])
     else:
-        ranks = ", ".join(map(str, ad.ranks))
-        fams = ", ".join(ad.families)
-        print_table(
-            f"{ad.path} ({ad.format}, {fams}): {len(mods)} modules, rank {ranks}", cols, table
-        )
+        print_table(ad.caption(len(mods)), LoraModule.COLUMNS, [m.row() for m in mods])
 
 
 @click.command()
@@ -122,48 +61,7 @@ def spectrum(adapter: Path, read, layer, module, dtype, device, seed, out, rcond
     results = spectrum_api(
         read(adapter), layer=layer, module=module, rcond=rcond, dtype=dtype, device=device
     )
-    dicts = [r.to_dict() for r in results]
-    if out == "json":
-        print_json(dicts)
-    elif out == "csv":
-        print_csv(
-            ["module", "layer", "kind", "rank", "index", "singular_value", "energy"],
-            [
-                [*_ident(d), i + 1, s, e]
-                for d in dicts
-                for i, (s, e) in enumerate(zip(d["singular_values"], d["energy"], strict=True))
-            ],
-        )
-    else:
-        cols = [
-            "module",
-            "layer",
-            "kind",
-            "rank",
-            "‖ΔW‖_F",
-            "σ1",
-            "σ2/σ1",
-            "top-1 energy",
-            "eff. rank",
-            "stable rank",
-            "num. rank",
-        ]
-        rows = [
-            [
-                *_ident(d),
-                d["frobenius_norm"],
-                d["spectral_norm"],
-                d["singular_values"][1] / d["spectral_norm"]
-                if len(d["singular_values"]) > 1
-                else None,
-                d["energy"][0],
-                d["effective_rank"],
-                d["stable_rank"],
-                d["numerical_rank"],
-            ]
-            for d in dicts
-        ]
-        print_table(f"spectrum of ΔW: {adapter}", cols, rows)
+    print_results(results, out, f"spectrum of ΔW: {adapter}")
 
 
 def _grid_columns(n: int) -> list[int]:
@@ -226,70 +124,9 @@ def similarity(
     )
     if plot is not None:
         _save_phi_plot(results, plot)
-    dicts = [r.to_dict() for r in results]
-    if out == "json":
-        print_json(dicts)
+    print_results(results, out, f"φ on {factor}: {adapter_a} vs {adapter_b}")
+    if out != "table":
         return
-    if out == "csv":
-        cols = [
-            "module",
-            "layer",
-            "kind",
-            "rank",
-            "rank_b",
-            "factor",
-            "i",
-            "j",
-            "phi",
-            "random_phi",
-            "expected_random",
-        ]
-        rows = [
-            [
-                *_ident(d),
-                d["rank_b"],
-                d["factor"],
-                i + 1,
-                j + 1,
-                v,
-                None if r.random_phi is None else float(r.random_phi[i, j]),
-                float(r.expected_random[i, j]),
-            ]
-            for d, r in zip(dicts, results, strict=True)
-            for i, row in enumerate(r.phi)
-            for j, v in enumerate(row.tolist())
-        ]
-        print_csv(cols, rows)
-        return
-    cols = [
-        "module",
-        "layer",
-        "kind",
-        "rank",
-        "rank_b",
-        "φ(1,1)",
-        "φ(i,i) mean",
-        "φ mean",
-        "random mean",
-    ]
-    rows = []
-    for r in results:
-        k = min(r.phi.shape)
-        rnd = r.random_phi if r.random_phi is not None else r.expected_random
-        rows.append(
-            [
-                r.module,
-                r.layer,
-                r.kind,
-                r.rank,
-                r.rank_b,
-                float(r.phi[0, 0]),
-                float(np.mean(np.diagonal(r.phi)[:k])),
-                float(r.phi.mean()),
-                float(rnd.mean()),
-            ]
-        )
-    print_table(f"φ on {factor}: {adapter_a} vs {adapter_b}", cols, rows)
     if len(results) == 1:
         r = results[0]
         js = _grid_columns(r.phi.shape[1])
@@ -315,6 +152,12 @@ def _save_phi_plot(results, path: Path) -> None:
     save_plot(draw, path)
 
 
+_NO_CACHE_HELP = (
+    "Neither read nor write W's spectral data in the cache directory ($LORASCOPE_CACHE_DIR, "
+    "else $XDG_CACHE_HOME/lorascope or ~/.cache/lorascope)."
+)
+
+
 @click.command()
 @base_delta_options
 @reading_options
@@ -322,8 +165,25 @@ def _save_phi_plot(results, path: Path) -> None:
 @compute_options
 @output_options
 @method_option
+@click.option(
+    "--no-w-baseline",
+    is_flag=True,
+    help="Skip the ‖UᵀWV‖ W column (W's top-r: the one column that factors W); one read of W.",
+)
+@click.option("--no-cache", is_flag=True, help=_NO_CACHE_HELP)
 def amplify(
-    base_path: Path, delta_path: Path, read, layer, module, dtype, device, seed, out, method
+    base_path: Path,
+    delta_path: Path,
+    read,
+    layer,
+    module,
+    dtype,
+    device,
+    seed,
+    out,
+    method,
+    no_w_baseline,
+    no_cache,
 ) -> None:
     """How ΔW relates to W (paper §7.3, Table 7): ‖Uᵀ W V‖_F with U, V the top-r singular
     vectors of ΔW, of W, and of a random matrix; ‖W‖_F, ‖ΔW‖_F and the amplification factor
@@ -339,52 +199,10 @@ def amplify(
         method=method,
         dtype=dtype,
         device=device,
+        w_baseline=not no_w_baseline,
+        cache=SpectralCache(enabled=not no_cache),
     )
-    dicts = [r.to_dict() for r in results]
-    cols = [
-        "module",
-        "layer",
-        "kind",
-        "rank",
-        "‖W‖_F",
-        "‖ΔW‖_F",
-        "‖UᵀWV‖ ΔW",
-        "‖UᵀWV‖ W",
-        "‖UᵀWV‖ random",
-        "amplification",
-    ]
-    rows = [
-        [
-            *_ident(d),
-            d["norm_weight"],
-            d["norm_delta"],
-            d["proj_delta"],
-            d["proj_weight"],
-            d["proj_random"],
-            r.amplification,
-        ]
-        for d, r in zip(dicts, results, strict=True)
-    ]
-    if out == "json":
-        print_json(dicts)
-    elif out == "csv":
-        print_csv(
-            [
-                "module",
-                "layer",
-                "kind",
-                "rank",
-                "norm_weight",
-                "norm_delta",
-                "proj_delta",
-                "proj_weight",
-                "proj_random",
-                "amplification",
-            ],
-            [[*row[:-1], d["amplification"]] for row, d in zip(rows, dicts, strict=True)],
-        )
-    else:
-        print_table(f"projection of W onto ΔW's subspace: {delta_path} on {base_path}", cols, rows)
+    print_results(results, out, f"projection of W onto ΔW's subspace: {delta_path} on {base_path}")
 
 
 @click.command("weight-similarity")
@@ -402,6 +220,7 @@ def amplify(
     help="How many of W's top singular directions.",
 )
 @click.option("--max-j", type=click.IntRange(min=1), help="How many of ΔW's (default: rank).")
+@click.option("--no-cache", is_flag=True, help=_NO_CACHE_HELP)
 @method_option
 @click.option("--plot", type=click.Path(path_type=Path), help="Save heatmap(s) (png/pdf/svg).")
 def weight_similarity(
@@ -419,6 +238,7 @@ def weight_similarity(
     max_j,
     method,
     plot,
+    no_cache,
 ) -> None:
     """φ(i, j) between the top-i singular directions of W and the top-j of ΔW, with a random
     baseline (paper §7.3, Figure 8): does ΔW pick up directions W already emphasises?"""
@@ -426,55 +246,21 @@ def weight_similarity(
 
     ad = read(delta_path, base_path)
     base = load_base(base_path)
-    results = [
-        wsim_api(
-            m,
-            base.weight_for(m),
-            side=side,
-            max_i=max_i,
-            max_j=max_j,
-            seed=seed,
-            method=method,
-            dtype=dtype,
-            device=device,
-        )
-        for m in ad.select(layer=layer, module=module)
-    ]
+    with SpectralCache(enabled=not no_cache).active() as cache:
+        results = [
+            wsim_api(
+                m,
+                cache.tag(base.weight_for(m), base.fingerprint(m)),
+                side=side,
+                max_i=max_i,
+                max_j=max_j,
+                seed=seed,
+                method=method,
+                dtype=dtype,
+                device=device,
+            )
+            for m in ad.select(layer=layer, module=module)
+        ]
     if plot is not None:
         _save_phi_plot(results, plot)
-    dicts = [r.to_dict() for r in results]
-    if out == "json":
-        print_json(dicts)
-    elif out == "csv":
-        print_csv(
-            ["module", "layer", "kind", "rank", "side", "i", "j", "phi", "random_phi"],
-            [
-                [*_ident(d), side, i + 1, j + 1, float(r.phi[i, j]), float(r.random_phi[i, j])]
-                for d, r in zip(dicts, results, strict=True)
-                for i in range(r.phi.shape[0])
-                for j in range(r.phi.shape[1])
-            ],
-        )
-    else:
-        cols = [
-            "module",
-            "layer",
-            "kind",
-            "ΔW rank",
-            f"φ(W top-{max_i}, ΔW top-1)",
-            f"φ(W top-{max_i}, ΔW all)",
-            "random",
-        ]
-        rows = [
-            [
-                r.module,
-                r.layer,
-                r.kind,
-                r.rank,
-                float(r.phi[-1, 0]),
-                float(r.phi[-1, -1]),
-                float(r.random_phi[-1, -1]),
-            ]
-            for r in results
-        ]
-        print_table(f"W vs ΔW directions ({side}): {delta_path} on {base_path}", cols, rows)
+    print_results(results, out, f"W vs ΔW directions ({side}): {delta_path} on {base_path}")

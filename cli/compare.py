@@ -16,7 +16,7 @@ from lorascope.analysis.compare import (
 )
 from lorascope.analysis.compare import compare as compare_api
 from lorascope.cli.options import output_options, reading_options, selection_options
-from lorascope.cli.output import fmt, print_csv, print_json, print_table, save_plot
+from lorascope.cli.output import fmt, print_results, print_table, save_plot
 
 # Above this many pairs the per-module table shows a summary instead of one column per pair.
 _MAX_PAIR_COLUMNS = 10
@@ -99,51 +99,8 @@ def _ij(r: CompareResult) -> str:
 
 
 def _print_compare(results: list[CompareResult], out: str) -> None:
-    if out == "json":
-        print_json([r.to_dict() for r in results])
-        return
-    if out == "csv":
-        print_csv(
-            [
-                "module",
-                "layer",
-                "kind",
-                "factor",
-                "a",
-                "b",
-                "label_a",
-                "label_b",
-                "rank_a",
-                "rank_b",
-                "i",
-                "j",
-                "phi",
-                "grassmann",
-                "expected_random",
-            ],
-            [
-                [
-                    r.module,
-                    r.layer,
-                    r.kind,
-                    r.factor,
-                    a + 1,
-                    b + 1,
-                    r.labels[a],
-                    r.labels[b],
-                    r.ranks[a],
-                    r.ranks[b],
-                    r.i,
-                    r.j,
-                    float(r.phi[a, b]),
-                    float(r.grassmann[a, b]),
-                    r.expected_random,
-                ]
-                for r in results
-                for a in range(len(r.labels))
-                for b in range(len(r.labels))
-            ],
-        )
+    if out != "table":
+        print_results(results, out, "")
         return
     r0 = results[0]
     n = len(r0.labels)
@@ -242,44 +199,8 @@ def _mean_order(results: list[CompareResult]) -> list[int]:
 
 
 def _print_settle(settled: list[SettleResult], out: str) -> None:
-    if out == "json":
-        print_json([s.to_dict() for s in settled])
-        return
-    if out == "csv":
-        print_csv(
-            [
-                "module",
-                "layer",
-                "kind",
-                "factor",
-                "index",
-                "label",
-                "step",
-                "i",
-                "j",
-                "phi_to_final",
-                "grassmann_to_final",
-                "settled",
-            ],
-            [
-                [
-                    s.module,
-                    s.layer,
-                    s.kind,
-                    s.factor,
-                    t,
-                    s.labels[t],
-                    s.steps[t],
-                    s.i,
-                    s.j,
-                    s.phi_to_final[t],
-                    s.grassmann_to_final[t],
-                    t >= s.settled_index,
-                ]
-                for s in settled
-                for t in range(len(s.labels))
-            ],
-        )
+    if out != "table":
+        print_results(settled, out, "")
         return
     s0 = settled[0]
     uniform = len({(s.i, s.j) for s in settled}) == 1

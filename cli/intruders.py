@@ -8,6 +8,7 @@ import click
 
 from lorascope.analysis.intruders import DEFAULT_EPSILON, DEFAULT_K, IntruderResult
 from lorascope.analysis.intruders import intruders as intruders_api
+from lorascope.cache import SpectralCache
 from lorascope.cli.options import (
     base_delta_options,
     compute_options,
@@ -16,12 +17,8 @@ from lorascope.cli.options import (
     selection_options,
     side_option,
 )
-from lorascope.cli.output import print_csv, print_json, print_table, save_plot
+from lorascope.cli.output import print_csv, print_json, print_results, save_plot
 from lorascope.formats import load_base
-
-
-def _ident(r: IntruderResult) -> list:
-    return [r.module, r.layer, r.kind, r.rank]
 
 
 @click.command()
@@ -72,6 +69,12 @@ def _ident(r: IntruderResult) -> list:
     type=click.Path(path_type=Path),
     help="Save the similarity heatmaps, one panel per module (png/pdf/svg).",
 )
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Neither read nor write W's SVD in the cache directory ($LORASCOPE_CACHE_DIR, else "
+    "$XDG_CACHE_HOME/lorascope or ~/.cache/lorascope).",
+)
 def intruders(
     base_path: Path,
     delta_path: Path,
@@ -89,6 +92,7 @@ def intruders(
     tol,
     matrix,
     plot,
+    no_cache,
 ) -> None:
     """Intruder dimensions (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of
     Equivalence", Def. 1): top-k singular vectors y_j of W + ΔW whose best |cos| against every
@@ -109,77 +113,24 @@ def intruders(
         seed=seed,
         dtype=dtype,
         device=device,
+        cache=SpectralCache(enabled=not no_cache),
     )
     if plot is not None:
         _save_plot(results, plot)
     if out == "json":
         print_json([r.to_dict(matrix=matrix) for r in results])
     elif out == "csv" and matrix:
-        print_csv(
-            ["module", "layer", "kind", "rank", "j", "i", "similarity"],
-            [
-                [*_ident(r), j + 1, i + 1, float(c)]
-                for r in results
-                for j, row in enumerate(r.similarity)
-                for i, c in enumerate(row)
-            ],
-        )
-    elif out == "csv":
-        print_csv(
-            [
-                "module",
-                "layer",
-                "kind",
-                "rank",
-                "j",
-                "singular_value",
-                "max_similarity",
-                "best_match",
-                *(f"intruder_eps_{e:g}" for e in eps),
-            ],
-            [
-                [
-                    *_ident(r),
-                    j + 1,
-                    r.singular_values[j],
-                    r.max_similarity[j],
-                    r.best_match[j],
-                    *(int(r.max_similarity[j] < e) for e in eps),
-                ]
-                for r in results
-                for j in range(r.k)
-            ],
-        )
+        print_csv(IntruderResult.MATRIX_TIDY, (row for r in results for row in r.matrix_rows()))
     else:
-        cols = [
-            "module",
-            "layer",
-            "kind",
-            "rank",
-            *(f"intruders ε={e:g}" for e in eps),
-            f"at j (ε={eps[0]:g})",
-            "min max|cos|",
-            "σ1(W+ΔW)/σ1(W)",
-        ]
-        rows = [
-            [
-                *_ident(r),
-                *r.counts,
-                ",".join(map(str, r.intruders[0])) or None,
-                min(r.max_similarity),
-                r.singular_values[0] / r.base_singular_values[0],
-            ]
-            for r in results
-        ]
         totals = ", ".join(
             f"{sum(r.counts[i] for r in results)} at ε={e:g}" for i, e in enumerate(eps)
         )
         k_used = max(r.k for r in results)
-        print_table(
+        print_results(
+            results,
+            out,
             f"intruder dimensions of W + ΔW ({side} singular vectors, top {k_used}): "
             f"{delta_path} on {base_path}; total {totals}",
-            cols,
-            rows,
         )
 
 

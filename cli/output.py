@@ -1,7 +1,8 @@
 """Writing results: a readable table (rich) by default, or ``--json`` / ``--csv`` for scripts.
 
 The JSON is a list with one object per module (see README, "JSON output"); the CSV is tidy
-(one row per number that varies, identifying columns repeated).
+(one row per number that varies, identifying columns repeated). Results describe their own
+columns (:mod:`lorascope.columns`); :func:`print_results` prints any of the three from them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from lorascope.columns import Column, format_value
+
 
 def console() -> Console:
     # A fixed width when piped, so CliRunner output and logs are not squeezed to 80 columns.
@@ -26,21 +29,18 @@ def console() -> Console:
 
 def fmt(x: Any, digits: int = 4) -> str:
     """Numbers for humans: 4 significant digits, ``-`` for missing."""
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        if not math.isfinite(x):
-            return "inf" if x > 0 else "-inf"
-        return f"{x:.{digits}g}"
-    return str(x)
+    return format_value(x, digits)
 
 
-def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+def print_table(title: str, columns: Sequence[str | Column], rows: Iterable[Sequence[Any]]) -> None:
+    """A rich table; a :class:`~lorascope.columns.Column` gives its header and digits, a plain
+    string is a header of a 4-digit column."""
+    cols = [c if isinstance(c, Column) else Column(c) for c in columns]
     table = Table(title=title, title_justify="left", header_style="bold")
-    for i, c in enumerate(columns):
-        table.add_column(c, justify="left" if i == 0 else "right", overflow="fold")
+    for i, c in enumerate(cols):
+        table.add_column(c.label, justify="left" if i == 0 else "right", overflow="fold")
     for row in rows:
-        table.add_row(*(fmt(v) for v in row))
+        table.add_row(*(c.format(v) for c, v in zip(cols, row, strict=True)))
     console().print(table)
 
 
@@ -58,12 +58,26 @@ def print_json(objects: list[dict]) -> None:
     click.echo(json.dumps(_json_safe(objects), indent=2, allow_nan=False))
 
 
-def print_csv(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+def print_csv(columns: Sequence[str | Column], rows: Iterable[Sequence[Any]]) -> None:
     out = csv.writer(sys.stdout, lineterminator="\n")
-    out.writerow(columns)
+    out.writerow([c.name if isinstance(c, Column) else c for c in columns])
     for row in rows:
         out.writerow(["" if v is None else v for v in row])
     sys.stdout.flush()
+
+
+def print_results(results: Sequence[Any], out: str, title: str) -> None:
+    """Print analysis results (:class:`~lorascope.columns.Tabular`, all of one kind) as
+    ``--json`` (their ``to_dict()``), ``--csv`` (their tidy columns and rows) or a table (their
+    summary columns, one row per result)."""
+    if out == "json":
+        print_json([r.to_dict() for r in results])
+    elif out == "csv":
+        cols = results[0].tidy_columns() if results else ()
+        print_csv(cols, (row for r in results for row in r.tidy_rows()))
+    else:
+        cols = results[0].table_columns() if results else ()
+        print_table(title, cols, [r.row() for r in results])
 
 
 def save_plot(draw: Callable[[Any], Any], path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import torch
 
-from lorascope.analysis.rank import ENERGY_LADDER, RankResult, RankRule, suggest_ranks
+from lorascope.analysis.rank import RankResult, RankRule, suggest_ranks
 from lorascope.analysis.rank import rank as rank_api
 from lorascope.analysis.rank import resize as resize_api
 from lorascope.cli.options import (
@@ -21,7 +21,7 @@ from lorascope.cli.options import (
     reading_options,
     selection_options,
 )
-from lorascope.cli.output import print_csv, print_json, print_table
+from lorascope.cli.output import print_results
 from lorascope.formats import OUT_FORMATS, check_out, save_adapter, save_rank_pattern
 
 _SAVE_DTYPES = {
@@ -83,43 +83,6 @@ _rcond_option = click.option(
 )
 
 
-_COLUMNS = ["module", "layer", "kind", "rank"]
-_LADDER = [f"k@{e:.0%}" for e in ENERGY_LADDER]
-_CSV_FIELDS = [
-    "new_rank",
-    "method",
-    "value",
-    "energy_kept",
-    "nuclear_kept",
-    "frobenius_error",
-    "relative_error",
-    "spectral_error",
-    "numerical_rank",
-]
-_CSV_TAIL = ["params", "new_params", "scale", "new_scale", "alpha", "new_alpha"]
-_CSV = [*_COLUMNS, *_CSV_FIELDS, *(f"rank_energy_{e:g}" for e in ENERGY_LADDER), *_CSV_TAIL]
-
-
-def _print(results: list[RankResult], out: str, title: str, cols: list[str], row) -> None:
-    """The results as ``--json`` objects, ``--csv`` rows or a table of ``row(result)``."""
-    if out == "json":
-        print_json([r.to_dict() for r in results])
-    elif out == "csv":
-        rows = []
-        for d in (r.to_dict() for r in results):
-            ladder = [d["energy_ranks"][f"{e:g}"] for e in ENERGY_LADDER]
-            rows.append(
-                [*(d[c] for c in (*_COLUMNS, *_CSV_FIELDS)), *ladder, *(d[c] for c in _CSV_TAIL)]
-            )
-        print_csv(_CSV, rows)
-    else:
-        print_table(title, [*_COLUMNS, *cols], [[*_id(r), *row(r)] for r in results])
-
-
-def _id(r: RankResult) -> list:
-    return [r.module, r.layer, r.kind, r.rank]
-
-
 def _params_line(results: list[RankResult]) -> str:
     before = sum(r.params for r in results)
     after = sum(r.new_params for r in results)
@@ -153,21 +116,7 @@ def rank(adapter: Path, read, layer, module, rule, pattern_out, dtype, device, r
         ad, rule, layer=layer, module=module, rcond=rcond, dtype=dtype, device=device
     )
     pattern = save_rank_pattern(ad, suggest_ranks(results), pattern_out) if pattern_out else None
-    _print(
-        results,
-        out,
-        f"rank of ΔW: {adapter} (keep {rule})",
-        [*_LADDER, "keep", "energy", "‖ΔW−ΔW_k‖_F", "rel. error", "σ_k+1/σ1", "params"],
-        lambda r: [
-            *(r.energy_ranks[f"{e:g}"] for e in ENERGY_LADDER),
-            r.new_rank,
-            r.energy_kept,
-            r.frobenius_error,
-            r.relative_error,
-            r.spectral_error,
-            f"{r.params:,} -> {r.new_params:,}",
-        ],
-    )
+    print_results(results, out, f"rank of ΔW: {adapter} (keep {rule})")
     if out == "table":
         click.echo(_params_line(results))
     if pattern is not None:
@@ -252,21 +201,7 @@ def resize(
         out_dtype=save,
     )
     fmt = save_adapter(new, out_path, fmt=to, dtype=save, force=force)
-    _print(
-        results,
-        out,
-        f"resize {adapter} (keep {rule})",
-        ["new rank", "kept energy", "‖ΔW−ΔW_k‖_F", "rel. error", "σ_k+1/σ1", "alpha", "new alpha"],
-        lambda r: [
-            r.new_rank,
-            r.energy_kept,
-            r.frobenius_error,
-            r.relative_error,
-            r.spectral_error,
-            r.alpha,
-            r.new_alpha,
-        ],
-    )
+    print_results(results, out, f"resize {adapter} (keep {rule})")
     kept = len(new.modules) - len(results)
     others = [f for f in ad.families if f != "lora"]
     click.echo(

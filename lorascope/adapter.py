@@ -9,17 +9,20 @@ The tensors keep the dtype they had on disk; the linear-algebra core upcasts.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from lorascope.columns import Column, Tabular, html_table, ident_columns
 from lorascope.errors import MissingModuleError, ShapeError
 
 __all__ = [
     "LoraModule",
+    "alpha_from_scale",
     "Magnitude",
     "Adapter",
     "parse_layer",
@@ -113,6 +116,18 @@ def parse_kind(name: str) -> str:
     return "other"
 
 
+def alpha_from_scale(scale: float, r: int, use_rslora: bool = False) -> float:
+    """The ``lora_alpha`` that gives ``scale`` at rank ``r``: ``scale·r``, or ``scale·sqrt(r)``
+    with rsLoRA (Kalajdzievski 2023) — the inverse of ``s = alpha / r`` (Hu et al. 2021, §4.1)
+    and of rsLoRA's ``s = alpha / sqrt(r)``. Writers and rank suggestions use it to keep a
+    module's scale when its rank changes or the file must store an alpha.
+
+    >>> alpha_from_scale(2.0, 8), alpha_from_scale(4.0, 4, use_rslora=True)
+    (16.0, 8.0)
+    """
+    return float(scale) * (math.sqrt(r) if use_rslora else float(r))
+
+
 @dataclass(frozen=True, eq=False)
 class Magnitude:
     """DoRA's learned magnitude (Liu et al. 2024): the merged weight is rescaled by ``g``.
@@ -142,8 +157,39 @@ class Magnitude:
     eps: float = 0.0
 
 
+def _norm(name: str) -> Callable[[LoraModule], float]:
+    def get(m: LoraModule) -> float:
+        from lorascope.linalg import safe_norm
+
+        return safe_norm(getattr(m, name))
+
+    return get
+
+
+# What `lorascope inspect` and a notebook show per module (the JSON: LoraModule.to_dict).
+_MODULE_COLUMNS = (
+    Column("module", get=lambda m: m.key, doc="module name (key in the adapter)"),
+    *ident_columns(rank=False)[1:],
+    Column("rank", doc="width k of the exact factored form ΔW = s·B' A'"),
+    Column(
+        "family",
+        get=lambda m: m.family + ("+dora" if m.is_dora and m.family != "dora" else ""),
+        doc="update family (+dora: with a DoRA magnitude)",
+    ),
+    Column("r", doc="the configured rank"),
+    Column("params", doc="trainable parameters stored"),
+    Column("d_out", doc="rows of ΔW"),
+    Column("d_in", doc="columns of ΔW"),
+    Column("scale", doc="s in ΔW = s·B A"),
+    Column("alpha", doc="the alpha s came from"),
+    Column("dtype", get=lambda m: str(m.A.dtype).removeprefix("torch."), doc="stored dtype"),
+    Column("norm_A", get=_norm("A"), doc="‖A‖_F"),
+    Column("norm_B", get=_norm("B"), doc="‖B‖_F"),
+)
+
+
 @dataclass(frozen=True, eq=False)
-class LoraModule:
+class LoraModule(Tabular):
     """One adapted weight: its update in the exact factored form ``ΔW = scale · B @ A``.
 
     Every family is normalized to this on load (:mod:`lorascope.families`): LoRA's own factors;
@@ -207,6 +253,8 @@ class LoraModule:
     magnitude: Magnitude | None = None
     update: str = "full"
 
+    COLUMNS = _MODULE_COLUMNS
+
     def __post_init__(self) -> None:
         if self.A.ndim != 2 or self.B.ndim != 2 or self.A.shape[0] != self.B.shape[1]:
             raise ShapeError(
@@ -251,6 +299,34 @@ class LoraModule:
     def shape(self) -> tuple[int, int]:
         """Shape of ΔW, ``(d_out, d_in)``."""
         return (self.d_out, self.d_in)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (what ``lorascope inspect --json`` prints, without ``format``)."""
+        get = {c.name: c for c in self.COLUMNS}
+        return {
+            "module": self.key,
+            "layer": self.layer,
+            "kind": self.kind,
+            "rank": self.rank,
+            "family": self.family,
+            "r": self.r,
+            "params": self.params,
+            "dora": self.is_dora,
+            "update": self.update,
+            "shape": [self.d_out, self.d_in],
+            "scale": float(self.scale),
+            "alpha": self.alpha,
+            "dtype": get["dtype"].value(self),
+            "norm_A": get["norm_A"].value(self),
+            "norm_B": get["norm_B"].value(self),
+            "source": self.source,
+        }
+
+    def caption(self) -> str:
+        return (
+            f"LoraModule · {self.key} · {self.family} · rank {self.rank} · "
+            f"{self.d_out}×{self.d_in} · scale {self.scale:.4g}"
+        )
 
     def tensor_name(self) -> str:
         """``file: key`` text for error messages."""
@@ -347,6 +423,28 @@ class Adapter:
     @property
     def ranks(self) -> list[int]:
         return sorted({m.rank for m in self.modules})
+
+    def records(self, modules: list[LoraModule] | None = None) -> list[dict]:
+        """One JSON-ready dict per module (default all; ``lorascope inspect --json``):
+        :meth:`LoraModule.to_dict` plus the file ``format``."""
+        out = []
+        for m in self.modules if modules is None else modules:
+            d = m.to_dict()
+            source = d.pop("source")
+            out.append({**d, "format": self.format, "source": source})
+        return out
+
+    def caption(self, n: int | None = None) -> str:
+        """``path (format, families): N modules, rank r1, r2`` (the inspect table's title)."""
+        ranks = ", ".join(map(str, self.ranks))
+        n = len(self.modules) if n is None else n
+        return f"{self.path} ({self.format}, {', '.join(self.families)}): {n} modules, rank {ranks}"
+
+    def _repr_html_(self) -> str:
+        """A header line (file, format, families, ranks) and one row per module."""
+        rows = [m.row() for m in self.modules]
+        table = html_table(_MODULE_COLUMNS, rows, caption=f"Adapter · {self.caption()}")
+        return f'<div class="lorascope-result">{table}</div>'
 
     def select(
         self,

@@ -46,6 +46,7 @@ def _dense_svd(m: LoraModule):
     "name",
     [
         "lorascope.linalg",
+        "lorascope.columns",
         "lorascope.analysis.compare",
         "lorascope.analysis.intruders",
         "lorascope.analysis.rank",

@@ -78,7 +78,8 @@ def _dense_basis(m: LoraModule, side: str) -> np.ndarray:
 
 
 def _reference(adapters, side, i=None, j=None):
-    """Per module: directed φ and Grassmann matrices from scipy's principal angles."""
+    """Per module: directed φ and Grassmann matrices from scipy's principal angles, every entry
+    computed, the diagonal too (a basis's top-i against its own top-j): nothing is assumed."""
     out = []
     for row in zip(*(ad.modules for ad in adapters), strict=True):
         bases = [_dense_basis(m, side) for m in row]
@@ -86,13 +87,12 @@ def _reference(adapters, side, i=None, j=None):
         ii = k if i is None else i
         jj = ii if j is None else j
         n = len(bases)
-        phi, dist = np.ones((n, n)), np.zeros((n, n))
+        phi, dist = np.full((n, n), np.nan), np.full((n, n), np.nan)
         for a in range(n):
             for b in range(n):
-                if a != b:
-                    theta = subspace_angles(bases[a][:, :ii], bases[b][:, :jj])
-                    phi[a, b] = np.mean(np.cos(theta) ** 2)
-                    dist[a, b] = np.sqrt(np.sum(theta**2))
+                theta = subspace_angles(bases[a][:, :ii], bases[b][:, :jj])
+                phi[a, b] = np.mean(np.cos(theta) ** 2)
+                dist[a, b] = np.sqrt(np.sum(theta**2))
         out.append((phi, dist))
     return out
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Literal
@@ -44,8 +44,17 @@ import torch
 
 from lorascope.adapter import Adapter, LoraModule
 from lorascope.analysis._common import Device, map_modules, module_svd, pair_modules, update_fields
+from lorascope.columns import (
+    Column,
+    Results,
+    Tabular,
+    ident,
+    ident_columns,
+    new_figure,
+    png_bytes,
+)
 from lorascope.errors import LoraScopeError, LoraScopeWarning, MissingModuleError, ShapeError
-from lorascope.linalg import default_rcond, grassmann_distance, subspace_similarity
+from lorascope.linalg import average_linkage, compare_bases, default_rcond
 
 __all__ = [
     "CompareResult",
@@ -65,43 +74,6 @@ Metric = Literal["phi", "grassmann"]
 
 
 # ------------------------------------------------------------------------------------ kernels
-
-
-def compare_bases(
-    bases: Sequence[torch.Tensor], i: int, j: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Directed φ and Grassmann matrices between N ordered orthonormal bases of one space.
-
-    Parameters
-    ----------
-    bases : sequence of torch.Tensor
-        N bases, ``(n, k_a)`` each, columns ordered by importance (singular value).
-    i, j : int
-        Directions taken from the row and from the column basis; each capped by its ``k_a``.
-        ``j`` defaults to ``i``.
-
-    Returns
-    -------
-    phi, grassmann : torch.Tensor
-        ``(N, N)`` each. Entry ``[a, b]`` compares ``U_a[:, :min(i, k_a)]`` with
-        ``U_b[:, :min(j, k_b)]``: ``φ = ‖U_aᵀ U_b‖_F² / min(·, ·)`` (Hu et al. 2021 §7.2, eq. 4;
-        ``= mean cos² θ``) and ``sqrt(Σ θ²)``. Directed: symmetric only when ``i = j``. The
-        diagonal is exactly 1 and 0 (a basis against itself: nested subspaces).
-    """
-    j = i if j is None else j
-    n = len(bases)
-    phi = torch.empty(n, n, dtype=torch.float64)
-    dist = torch.empty(n, n, dtype=torch.float64)
-    for a, Ua in enumerate(bases):
-        Ua = Ua[:, :i]  # (n, i_a)
-        for b, Ub in enumerate(bases):
-            if a == b:  # top-i vs top-j of one basis: nested subspaces, every angle 0
-                phi[a, b], dist[a, b] = 1.0, 0.0
-                continue
-            Ub = Ub[:, :j]  # (n, j_b)
-            phi[a, b] = subspace_similarity(Ua, Ub)[-1, -1]  # φ(i_a, j_b), one (i_a, j_b) grid
-            dist[a, b] = grassmann_distance(Ua, Ub)
-    return phi, dist
 
 
 def settle_index(phi_to_final: Sequence[float], threshold: float = 0.9) -> int:
@@ -133,20 +105,8 @@ def settle_index(phi_to_final: Sequence[float], threshold: float = 0.9) -> int:
     return t
 
 
-def cluster(distance: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Average-linkage clustering of an ``(N, N)`` distance matrix (``N >= 2``).
-
-    Returns the scipy linkage matrix ``Z`` (``(N − 1, 4)``) and the leaf order (optimal
-    ordering: adjacent leaves as close as possible), the order heatmaps follow.
-    """
-    from scipy.cluster.hierarchy import leaves_list, linkage
-    from scipy.spatial.distance import squareform
-
-    D = np.asarray(distance, dtype=float)
-    D = np.clip((D + D.T) / 2, 0.0, None)
-    np.fill_diagonal(D, 0.0)
-    Z = linkage(squareform(D, checks=False), method="average", optimal_ordering=D.shape[0] > 2)
-    return Z, leaves_list(Z).tolist()
+# Average linkage on a distance matrix: the kernel lives in linalg, the name stays here.
+cluster = average_linkage
 
 
 # ------------------------------------------------------------------------------------ labels
@@ -208,8 +168,69 @@ def adapter_labels(paths: Sequence[str]) -> list[str]:
 # ------------------------------------------------------------------------------------ results
 
 
+def _pair_values(r: CompareResult, metric: Metric) -> list[float]:
+    n = len(r.labels)
+    M = r.matrix(metric)
+    return [float(M[a, b]) for a in range(n) for b in range(a + 1, n)]
+
+
+_RANDOM_DOC = "E[φ] = max(i, j)/n of random subspaces"
+_COMPARE_COLUMNS = (
+    *ident_columns(rank=False),
+    Column("i"),
+    Column("j"),
+    Column("mean_phi", "mean φ", get=lambda r: float(np.mean(_pair_values(r, "phi")))),
+    Column("min_phi", "min φ", get=lambda r: min(_pair_values(r, "phi"))),
+    Column("max_phi", "max φ", get=lambda r: max(_pair_values(r, "phi"))),
+    Column(
+        "mean_grassmann",
+        "mean dist",
+        get=lambda r: float(np.mean(_pair_values(r, "grassmann"))),
+        unit="rad",
+        doc="mean Grassmann distance over pairs",
+    ),
+    Column("expected_random", "random φ", doc=_RANDOM_DOC),
+)
+_COMPARE_TIDY = (
+    *ident_columns(rank=False),
+    Column("factor", doc="ΔW's right (input) or left (output) singular vectors"),
+    Column("a", doc="row adapter, from 1"),
+    Column("b", doc="column adapter, from 1"),
+    Column("label_a"),
+    Column("label_b"),
+    Column("rank_a"),
+    Column("rank_b"),
+    Column("i"),
+    Column("j"),
+    Column("phi", "φ", doc="symmetric φ(top-i, top-j), Hu et al. 2021 eq. 4"),
+    Column("grassmann", "distance", unit="rad", doc="sqrt(Σ θ²) over the principal angles"),
+    Column("expected_random", "random φ", doc=_RANDOM_DOC),
+)
+_SETTLE_COLUMNS = (
+    *ident_columns(rank=False),
+    Column("i"),
+    Column("j"),
+    Column("threshold"),
+    Column("settled_label", "settled at", doc="first checkpoint from which φ stays up"),
+    Column("settled_step", "step"),
+    Column("settled_before_final", "before final"),
+)
+_SETTLE_TIDY = (
+    *ident_columns(rank=False),
+    Column("factor"),
+    Column("index", doc="checkpoint, from 0"),
+    Column("label"),
+    Column("step"),
+    Column("i"),
+    Column("j"),
+    Column("phi_to_final", "φ to final"),
+    Column("grassmann_to_final", "distance to final", unit="rad"),
+    Column("settled", doc="at or after the settling checkpoint"),
+)
+
+
 @dataclass
-class CompareResult:
+class CompareResult(Tabular):
     """N×N comparison of one module across N adapters.
 
     Attributes
@@ -257,6 +278,51 @@ class CompareResult:
     modules: list[str]
     family: str = "lora"
     update: str = "full"
+
+    COLUMNS = _COMPARE_COLUMNS
+    TIDY = _COMPARE_TIDY
+
+    def tidy(self) -> Iterator[dict]:
+        base = {**ident(self, rank=False), "factor": self.factor, "i": self.i, "j": self.j}
+        phi, dist, n = self.phi, self.grassmann, len(self.labels)
+        for a in range(n):
+            for b in range(n):
+                yield {
+                    **base,
+                    "a": a + 1,
+                    "b": b + 1,
+                    "label_a": self.labels[a],
+                    "label_b": self.labels[b],
+                    "rank_a": self.ranks[a],
+                    "rank_b": self.ranks[b],
+                    "phi": float(phi[a, b]),
+                    "grassmann": float(dist[a, b]),
+                    "expected_random": self.expected_random,
+                }
+
+    def caption(self) -> str:
+        return (
+            f"compare · {self.module} · {self.family} · {len(self.labels)} adapters, ranks "
+            f"{', '.join(map(str, self.ranks))} · φ({self.i},{self.j}) on {self.factor}"
+        )
+
+    def png(self) -> bytes:
+        """The clustered φ matrix (:func:`lorascope.plot.plot_compare_matrix`), PNG bytes."""
+        from lorascope.plot import plot_compare_matrix
+
+        n = len(self.labels)
+        fig = new_figure(0.45 * n + 2.6, 0.45 * n + 1.8)
+        ax = fig.add_subplot()
+        plot_compare_matrix(self.phi, self.labels, ax, order=self.order(), title=self.module)
+        return png_bytes(fig)
+
+    @staticmethod
+    def group_png(results: list[CompareResult]) -> bytes:
+        """Dendrogram and module-mean φ matrix (:func:`lorascope.plot.plot_compare`), PNG."""
+        from lorascope.plot import plot_compare
+
+        n = len(results[0].labels)
+        return png_bytes(plot_compare(results, new_figure(0.45 * n + 3.0, 0.45 * n + 2.6)))
 
     @property
     def phi(self) -> np.ndarray:
@@ -314,7 +380,7 @@ class CompareResult:
 
 
 @dataclass
-class SettleResult:
+class SettleResult(Tabular):
     """When one module's top directions settle over the checkpoints of a run.
 
     ``phi_to_final[t]`` and ``grassmann_to_final[t]`` compare checkpoint ``t`` with the last one
@@ -335,6 +401,22 @@ class SettleResult:
     phi_to_final: list[float]
     grassmann_to_final: list[float]
     settled_index: int
+
+    COLUMNS = _SETTLE_COLUMNS
+    TIDY = _SETTLE_TIDY
+
+    def tidy(self) -> Iterator[dict]:
+        base = {**ident(self, rank=False), "factor": self.factor, "i": self.i, "j": self.j}
+        for t, label in enumerate(self.labels):
+            yield {
+                **base,
+                "index": t,
+                "label": label,
+                "step": self.steps[t],
+                "phi_to_final": self.phi_to_final[t],
+                "grassmann_to_final": self.grassmann_to_final[t],
+                "settled": t >= self.settled_index,
+            }
 
     @property
     def settled_label(self) -> str:
@@ -458,7 +540,7 @@ def compare(
     labels: Sequence[str] | None = None,
     dtype: torch.dtype = torch.float64,
     device: Device = None,
-) -> list[CompareResult]:
+) -> Results[CompareResult]:
     """N×N subspace similarity φ and Grassmann distance of N adapters, per shared module.
 
     Parameters
@@ -517,8 +599,12 @@ def compare(
         raise LoraScopeError(f"{len(labels)} labels for {len(adapters)} adapters")
     steps = [checkpoint_step(p) for p in paths]
     rows = _match(adapters, layer, module)
-    results = map_modules(
-        lambda mods: _compare_row(mods, labels, steps, i, j, factor, dtype, device), rows, device
+    results = Results(
+        map_modules(
+            lambda mods: _compare_row(mods, labels, steps, i, j, factor, dtype, device),
+            rows,
+            device,
+        )
     )
     short = [
         (r, a)
@@ -539,7 +625,7 @@ def compare(
     return results
 
 
-def settle(results: Sequence[CompareResult], threshold: float = 0.9) -> list[SettleResult]:
+def settle(results: Sequence[CompareResult], threshold: float = 0.9) -> Results[SettleResult]:
     """When each module's top directions settle, from :func:`compare` of checkpoints in order.
 
     Parameters
@@ -559,7 +645,7 @@ def settle(results: Sequence[CompareResult], threshold: float = 0.9) -> list[Set
     """
     if not 0.0 < threshold <= 1.0:
         raise LoraScopeError(f"threshold must be in (0, 1], got {threshold}")
-    out = []
+    out = Results()
     for r in results:
         phi = r.phi[:, -1].tolist()
         out.append(

@@ -54,6 +54,7 @@ from lorascope.analysis._common import (
     module_svdvals,
     update_fields,
 )
+from lorascope.columns import Column, Results, Tabular, ident_columns
 from lorascope.errors import LoraScopeError, NonFiniteError
 from lorascope.linalg import default_rcond
 
@@ -171,8 +172,60 @@ def _tails(w: np.ndarray) -> np.ndarray:
     return np.concatenate([np.cumsum(w[::-1])[::-1], [0.0]])
 
 
+def _ladder_columns(header: str, name: str) -> tuple[Column, ...]:
+    return tuple(
+        Column(
+            name.format(e=f"{e:g}"),
+            header.format(e=f"{e:.0%}"),
+            get=lambda r, e=e: r.energy_ranks[f"{e:g}"],
+            doc=f"smallest k holding {e:.0%} of ‖ΔW‖_F²",
+        )
+        for e in ENERGY_LADDER
+    )
+
+
+_COST = (
+    Column("frobenius_error", "‖ΔW−ΔW_k‖_F", doc="sqrt(Σ_{i>k} σ_i²), Eckart–Young"),
+    Column("relative_error", "rel. error", doc="‖ΔW−ΔW_k‖_F / ‖ΔW‖_F"),
+    Column("spectral_error", "σ_k+1/σ1", doc="‖ΔW−ΔW_k‖_2 / ‖ΔW‖_2"),
+)
+_RANK_COLUMNS = (
+    *ident_columns(),
+    *_ladder_columns("k@{e}", "rank_energy_{e}"),
+    Column("new_rank", "keep", doc="k the rule keeps"),
+    Column("energy_kept", "energy", doc="Σ_{i<=k} σ_i² / Σ σ_i²"),
+    *_COST,
+    Column("params", get=lambda r: f"{r.params:,} -> {r.new_params:,}", doc="factor entries"),
+)
+_RESIZE_COLUMNS = (
+    *ident_columns(),
+    Column("new_rank", "new rank", doc="k the rule keeps"),
+    Column("energy_kept", "kept energy", doc="Σ_{i<=k} σ_i² / Σ σ_i²"),
+    *_COST,
+    Column("alpha", doc="alpha of the factors read"),
+    Column("new_alpha", "new alpha", doc="alpha of the rank-k factors"),
+)
+_RANK_TIDY = (
+    *ident_columns(),
+    Column("new_rank"),
+    Column("method"),
+    Column("value"),
+    Column("energy_kept"),
+    Column("nuclear_kept"),
+    *_COST,
+    Column("numerical_rank"),
+    *_ladder_columns("k@{e}", "rank_energy_{e}"),
+    Column("params"),
+    Column("new_params"),
+    Column("scale"),
+    Column("new_scale"),
+    Column("alpha"),
+    Column("new_alpha"),
+)
+
+
 @dataclass
-class RankResult:
+class RankResult(Tabular):
     """The rank a rule keeps for one module, and what the truncation costs.
 
     Attributes
@@ -230,6 +283,15 @@ class RankResult:
     family: str = "lora"
     update: str = "full"
 
+    COLUMNS = _RANK_COLUMNS
+    TIDY = _RANK_TIDY
+
+    def caption(self) -> str:
+        return (
+            f"rank of ΔW · {self.module} · {self.family} · rank {self.rank} → keep "
+            f"{self.new_rank} ({self.method} {self.value:g})"
+        )
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["shape"] = list(self.shape)
@@ -240,6 +302,8 @@ class RankResult:
 class ResizeResult(RankResult):
     """:class:`RankResult` of a module :func:`module_resize` rewrote: ``new_scale`` and
     ``new_alpha`` are those of the factors it returned."""
+
+    COLUMNS = _RESIZE_COLUMNS
 
 
 def _result(
@@ -370,15 +434,17 @@ def rank(
     rcond: float | None = None,
     dtype: torch.dtype = torch.float64,
     device: Device = None,
-) -> list[RankResult]:
+) -> Results[RankResult]:
     """:func:`module_rank` for every module of ``adapter`` selected by ``layer``/``module``
     (see :meth:`lorascope.adapter.Adapter.select`); ``rslora`` defaults to the adapter's
     ``use_rslora``. :func:`suggest_ranks` turns the results into a PEFT ``rank_pattern``."""
     rslora = _rslora(adapter) if rslora is None else rslora
-    return map_modules(
-        lambda m: module_rank(m, rule, rslora=rslora, rcond=rcond, dtype=dtype, device=device),
-        adapter.select(layer=layer, module=module),
-        device,
+    return Results(
+        map_modules(
+            lambda m: module_rank(m, rule, rslora=rslora, rcond=rcond, dtype=dtype, device=device),
+            adapter.select(layer=layer, module=module),
+            device,
+        )
     )
 
 
@@ -479,7 +545,7 @@ def resize(
     dtype: torch.dtype = torch.float64,
     device: Device = None,
     out_dtype: torch.dtype | None = None,
-) -> tuple[Adapter, list[ResizeResult]]:
+) -> tuple[Adapter, Results[ResizeResult]]:
     """A copy of ``adapter`` whose selected modules are truncated by :func:`module_resize`.
 
     The result is always plain LoRA: for AdaLoRA, VeRA, LoHa and LoKr modules the truncation is
@@ -547,7 +613,7 @@ def resize(
         done[m.key][0] if m.key in done else (m if m.family == "lora" else replace(m, **plain))
         for m in adapter.modules
     ]
-    results = [done[m.key][1] for m in adapter.modules if m.key in done]
+    results = Results(done[m.key][1] for m in adapter.modules if m.key in done)
     return replace(adapter, modules=modules, config=dict(adapter.config)), results
 
 

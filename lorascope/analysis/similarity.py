@@ -6,6 +6,7 @@ of another (different ranks, seeds, checkpoints), or of the pre-trained ``W`` (F
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +22,15 @@ from lorascope.analysis._common import (
     module_svd,
     pair_modules,
     update_fields,
+)
+from lorascope.columns import (
+    Column,
+    Results,
+    Tabular,
+    ident,
+    ident_columns,
+    new_figure,
+    png_bytes,
 )
 from lorascope.errors import ShapeError
 from lorascope.linalg import (
@@ -47,8 +57,56 @@ Factor = Literal["A", "B", "right", "left"]
 FACTORS: tuple[str, ...] = ("A", "B", "right", "left")
 
 
+def _diag_mean(r: SimilarityResult) -> float:
+    k = min(r.phi.shape)
+    return float(np.mean(np.diagonal(r.phi)[:k]))
+
+
+def _random_mean(r: SimilarityResult) -> float:
+    return float((r.random_phi if r.random_phi is not None else r.expected_random).mean())
+
+
+def _cell(grid: str, i: int, j: int):
+    def get(r: SimilarityResult) -> float | None:
+        g = getattr(r, grid)
+        return None if g is None else float(g[i, j])
+
+    return get
+
+
+_PHI_COLUMNS = (
+    *ident_columns(),
+    Column("rank_b", doc="rank of the second update"),
+    Column("phi_11", "φ(1,1)", get=_cell("phi", 0, 0), doc="φ of the top directions"),
+    Column("phi_diag_mean", "φ(i,i) mean", get=_diag_mean, doc="mean of φ(i, i)"),
+    Column("phi_mean", "φ mean", get=lambda r: float(r.phi.mean()), doc="mean of the grid"),
+    Column("random_mean", "random mean", get=_random_mean, doc="mean of the random baseline"),
+)
+_W_COLUMNS = (
+    *ident_columns(rank=False),
+    Column("rank", "ΔW rank", doc="rank r of ΔW"),
+    Column("phi_top1", "φ(W top-{i}, ΔW top-1)", get=_cell("phi", -1, 0)),
+    Column("phi_all", "φ(W top-{i}, ΔW all)", get=_cell("phi", -1, -1)),
+    Column("random", get=_cell("random_phi", -1, -1), doc="random baseline, last cell"),
+)
+_CELL = (
+    Column("i", doc="top-i directions of the first"),
+    Column("j", doc="top-j directions of the second"),
+    Column("phi", "φ(i,j)", doc="‖U_iᵀ V_j‖_F² / min(i, j)"),
+    Column("random_phi", "random φ", doc="φ of two random subspaces (seeded)"),
+)
+_PHI_TIDY = (
+    *ident_columns(),
+    Column("rank_b"),
+    Column("factor"),
+    *_CELL,
+    Column("expected_random", "E[random φ]", doc="max(i, j) / dim"),
+)
+_W_TIDY = (*ident_columns(), Column("side"), *_CELL)
+
+
 @dataclass
-class SimilarityResult:
+class SimilarityResult(Tabular):
     """φ grid for one pair of modules.
 
     ``phi[i-1, j-1]`` is φ(i, j) for ``i <= rank`` directions of the first update and
@@ -73,6 +131,74 @@ class SimilarityResult:
     @property
     def expected_random(self) -> np.ndarray:
         return expected_random_similarity(self.dim, *self.phi.shape)
+
+    HTML_TIDY = False  # the heatmap shows the grid
+
+    @property
+    def is_weight(self) -> bool:
+        """Whether this compares ``W``'s directions with ``ΔW``'s (:func:`weight_similarity`)."""
+        return self.factor.startswith("W-")
+
+    def table_columns(self) -> tuple[Column, ...]:
+        if not self.is_weight:
+            return _PHI_COLUMNS
+        i = self.phi.shape[0]
+        return tuple(
+            Column(c.name, c.header.format(i=i), c.get, c.digits, c.unit, c.doc)
+            if c.header and "{i}" in c.header
+            else c
+            for c in _W_COLUMNS
+        )
+
+    def tidy_columns(self) -> tuple[Column, ...]:
+        return _W_TIDY if self.is_weight else _PHI_TIDY
+
+    def tidy(self) -> Iterator[dict]:
+        base = {**ident(self), "rank_b": self.rank_b, "factor": self.factor}
+        base["side"] = self.factor.removeprefix("W-")
+        expected = self.expected_random
+        rnd = self.random_phi
+        for i, row in enumerate(self.phi.tolist()):
+            for j, v in enumerate(row):
+                yield {
+                    **base,
+                    "i": i + 1,
+                    "j": j + 1,
+                    "phi": v,
+                    "random_phi": None if rnd is None else float(rnd[i, j]),
+                    "expected_random": float(expected[i, j]),
+                }
+
+    def caption(self) -> str:
+        if self.is_weight:
+            what = f"{self.module} · W's top-i vs ΔW's top-j (rank {self.rank})"
+        elif self.module_b in (None, self.module):
+            what = f"{self.module} · rank {self.rank} vs rank {self.rank_b}"
+        else:
+            what = f"{self.module} (rank {self.rank}) vs {self.module_b} (rank {self.rank_b})"
+        return f"φ on {self.factor} · {what} · {self.family}"
+
+    def png(self) -> bytes:
+        """The φ(i, j) heatmap (:func:`lorascope.plot.plot_phi`) as PNG bytes."""
+        from lorascope.plot import plot_phi
+
+        fig = new_figure(max(3.0, 0.08 * self.phi.shape[1] + 2.2), 2.6)
+        other = "W" if self.is_weight else f"r={self.rank_b}"
+        plot_phi(self.phi, fig.add_subplot(), title=f"φ({self.module}, r={self.rank} vs {other})")
+        return png_bytes(fig)
+
+    @staticmethod
+    def group_png(results: list[SimilarityResult]) -> bytes:
+        """Small multiples of φ heatmaps (:func:`lorascope.plot.plot_phi_grid`), PNG bytes."""
+        from lorascope.plot import plot_phi
+
+        ncols = min(4, len(results))
+        nrows = -(-len(results) // ncols)
+        fig = new_figure(2.4 * ncols, 2.0 * nrows)
+        for k, r in enumerate(results):
+            label = f"L{r.layer} {r.kind}" if r.layer is not None else r.module
+            plot_phi(r.phi, fig.add_subplot(nrows, ncols, k + 1), title=label, cbar=False)
+        return png_bytes(fig)
 
     def to_dict(self) -> dict:
         return {
@@ -248,7 +374,7 @@ def similarity(
     dtype: torch.dtype = torch.float64,
     device: Device = None,
     batch: bool | None = None,
-) -> list[SimilarityResult]:
+) -> Results[SimilarityResult]:
     """:func:`module_similarity` for every module the two adapters share (Figures 3, 4, 6, 7).
 
     Modules are matched by name (then by layer and kind); ``layer``/``module`` select as in
@@ -262,20 +388,22 @@ def similarity(
     )
     mods = [m for pair in pairs for m in pair] if factor in ("right", "left") else []
     with batched_svds(mods, dtype=dtype, device=device, enabled=batch):
-        return map_modules(
-            lambda item: module_similarity(
-                item[1][0],
-                item[1][1],
-                factor,
-                max_i=max_i,
-                max_j=max_j,
-                baseline=baseline,
-                seed=seed + item[0],
-                dtype=dtype,
-                device=device,
-            ),
-            list(enumerate(pairs)),
-            device,
+        return Results(
+            map_modules(
+                lambda item: module_similarity(
+                    item[1][0],
+                    item[1][1],
+                    factor,
+                    max_i=max_i,
+                    max_j=max_j,
+                    baseline=baseline,
+                    seed=seed + item[0],
+                    dtype=dtype,
+                    device=device,
+                ),
+                list(enumerate(pairs)),
+                device,
+            )
         )
 
 

@@ -6,6 +6,7 @@ it per module, from the exact factored SVD (never a dense ΔW).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -19,13 +20,19 @@ from lorascope.analysis._common import (
     module_svdvals,
     update_fields,
 )
+from lorascope.columns import Column, Results, Tabular, ident, ident_columns
 from lorascope.linalg import default_rcond
 
 __all__ = ["SpectrumResult", "module_spectrum", "spectrum", "spectrum_values"]
 
 
+def _sigma2_ratio(r: SpectrumResult) -> float | None:
+    S = r.singular_values
+    return S[1] / r.spectral_norm if len(S) > 1 else None
+
+
 @dataclass
-class SpectrumResult:
+class SpectrumResult(Tabular):
     """Spectrum of one module's ``ΔW`` (``(d_out, d_in)``, rank ``r``).
 
     Attributes
@@ -59,6 +66,34 @@ class SpectrumResult:
     numerical_rank: int
     family: str = "lora"
     update: str = "full"
+
+    COLUMNS = (
+        *ident_columns(),
+        Column("frobenius_norm", "‖ΔW‖_F", doc="Frobenius norm of ΔW"),
+        Column("spectral_norm", "σ1", doc="largest singular value of ΔW"),
+        Column("sigma2_ratio", "σ2/σ1", get=_sigma2_ratio, doc="second over first σ"),
+        Column("top1_energy", "top-1 energy", get=lambda r: r.energy[0], doc="σ1² / Σ σ²"),
+        Column("effective_rank", "eff. rank", doc="entropy effective rank exp(H(σ/Σσ))"),
+        Column("stable_rank", "stable rank", doc="‖ΔW‖_F² / ‖ΔW‖_2²"),
+        Column("numerical_rank", "num. rank", doc="count of σ_i > rcond·σ_1"),
+    )
+    TIDY = (
+        *ident_columns(),
+        Column("index", doc="i, from 1"),
+        Column("singular_value", "σ_i", doc="i-th singular value of ΔW"),
+        Column("energy", doc="cumulative energy Σ_{t<=i} σ_t² / Σ σ²"),
+    )
+
+    def tidy(self) -> Iterator[dict]:
+        base = ident(self)
+        for i, (s, e) in enumerate(zip(self.singular_values, self.energy, strict=True)):
+            yield {**base, "index": i + 1, "singular_value": s, "energy": e}
+
+    def caption(self) -> str:
+        return (
+            f"spectrum of ΔW · {self.module} · {self.family} · rank {self.rank} · "
+            f"{self.shape[0]}×{self.shape[1]}"
+        )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -123,7 +158,7 @@ def spectrum(
     dtype: torch.dtype = torch.float64,
     device: Device = None,
     batch: bool | None = None,
-) -> list[SpectrumResult]:
+) -> Results[SpectrumResult]:
     """:func:`module_spectrum` for every module of ``adapter`` selected by ``layer``/``module``
     (see :meth:`lorascope.adapter.Adapter.select`).
 
@@ -131,6 +166,8 @@ def spectrum(
     see :func:`lorascope.analysis._common.batched_svds`)."""
     mods = adapter.select(layer=layer, module=module)
     with batched_svds(mods, dtype=dtype, device=device, enabled=batch):
-        return map_modules(
-            lambda m: module_spectrum(m, rcond=rcond, dtype=dtype, device=device), mods, device
+        return Results(
+            map_modules(
+                lambda m: module_spectrum(m, rcond=rcond, dtype=dtype, device=device), mods, device
+            )
         )
