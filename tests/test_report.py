@@ -95,7 +95,7 @@ def test_report_writes_every_promised_file(built):
     report, out = built
     expected = {f"{f}.{e}" for f in FIGURES for e in ("png", "pdf")}
     expected |= {f"{t}.{e}" for t in TABLES for e in ("md", "csv", "tex")}
-    expected |= {"results.h5", "index.md"}
+    expected |= {"results.h5", "index.md", "index.html"}
     assert {p.name for p in out.iterdir()} == expected
     assert {p.name for p in report.files} == expected
     index = (out / "index.md").read_text()

@@ -8,7 +8,6 @@ half-written report or clobbers a previous one.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -18,28 +17,21 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lorascope import __version__
+from lorascope._files import write_atomic
 from lorascope.adapter import Adapter
 from lorascope.errors import LoraScopeError
 from lorascope.formats import BaseWeights
 from lorascope.report.compute import ReportData, ReportOptions, compute_report
 from lorascope.report.figures import figure_plan, render
-from lorascope.report.inputs import display_path, group_adapters
+from lorascope.report.html import to_html
+from lorascope.report.inputs import group_adapters
+from lorascope.report.page import report_page, to_markdown
 from lorascope.report.store import write_h5
-from lorascope.report.tables import Table, report_tables
+from lorascope.report.tables import report_tables
 
 __all__ = ["Report", "build_report"]
 
 log = logging.getLogger(__name__)
-
-INLINE_TABLES = (
-    "similarity",
-    "table7",
-    "table7_summary",
-    "effective_rank",
-    "shared",
-    "dynamics",
-)
 
 
 @dataclass
@@ -50,8 +42,8 @@ class Report:
     ----------
     out_dir : Path
     files : list of Path
-        Every file written (``index.md``, ``results.h5``, figures as PNG and PDF, tables as
-        Markdown, CSV and LaTeX).
+        Every file written (``index.md``, ``index.html``, ``results.h5``, figures as PNG and
+        PDF, tables as Markdown, CSV and LaTeX).
     data : ReportData
         The results themselves, with the resolved options.
     captions : dict
@@ -132,7 +124,7 @@ def build_report(
         Everything else; keyword ``overrides`` (e.g. ``zoom=4``, ``progress=False``) replace
         single fields.
     command : str, optional
-        The command that made the report, quoted in ``index.md``.
+        The command that made the report, quoted in ``index.md`` and ``index.html``.
     tracking : path, optional
         A tracking file (:mod:`lorascope.tracking`): adds the training-dynamics section (σ
         trajectories, k@90 %, the settling heatmap and steps, a per-module table).
@@ -186,107 +178,13 @@ def build_report(
         figures[f.name] = {"title": f.title, "caption": f.caption, "datasets": f.datasets}
         f.figure.clear()
     files["results.h5"] = write_h5(data, {t.name: t.to_csv() for t in tables}, figures)
-    files["index.md"] = _index(data, tables, figures, command, section).encode()
+    page = report_page(data, tables, figures, command, section)
+    files["index.md"] = to_markdown(page).encode()
+    files["index.html"] = to_html(page).encode()
     out.mkdir(parents=True, exist_ok=True)
-    written = [_write(out / name, blob) for name, blob in files.items()]
+    written = [write_atomic(out / name, blob) for name, blob in files.items()]
     captions = {k: v["caption"] for k, v in figures.items()}
     report = Report(out, written, data, captions, 0.0, section, shared)
     report.seconds = time.perf_counter() - t0
     log.info("%s", report.summary())
     return report
-
-
-def _write(path: Path, blob: bytes) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
-    return path
-
-
-def _index(
-    d: ReportData,
-    tables: list[Table],
-    figures: dict[str, dict[str, Any]],
-    command: str | None,
-    section: Any = None,
-) -> str:
-    o = d.options
-    lines = [
-        "# What did the LoRA updates learn? (Hu et al. 2021, §7 and Appendix H)",
-        "",
-        f"Made by lorascope {__version__}"
-        + (f" with `{command}`" if command else "")
-        + ". Every plotted and tabulated number, with the options below, is in "
-        "[results.h5](results.h5); each figure is also a PDF.",
-        "",
-        "| adapter | path | r | seed | seed from | modules |",
-        "|---|---|---:|---:|---|---:|",
-    ]
-    lines += [
-        f"| {m.label} | `{display_path(m.path)}` | {m.rank} | {m.seed} | {m.seed_from} "
-        f"| {len(m.adapter)} |"
-        for m in d.members
-    ]
-    pair = f"r = {o.ranks[0]} vs r = {o.ranks[1]}" if o.ranks else "none"
-    lines += [
-        "",
-        f"Base weights: {f'`{d.base}`' if d.base else 'none'}. Layer {o.layer} for Figures 3, 4, 8 "
-        f"and Table 7 (layers: {', '.join(map(str, d.layers))}); modules {', '.join(o.kinds)}; "
-        f"ranks compared {pair}; φ on {_factor(o.factor)}; Figure 8 on W's top {o.weight_top} "
-        f"{o.side}-singular directions; random baselines seeded with {o.seed}; {o.dtype}.",
-        "",
-    ]
-    lines += [f"- {n}" for n in d.notes] + ([""] if d.notes else [])
-    lines += ["## Figures", ""]
-    for name, meta in figures.items():
-        if not name.startswith("dynamics_"):
-            lines += _figure_lines(name, meta)
-    lines += ["## Tables", ""]
-    for t in tables:
-        if t.name == "dynamics":
-            continue
-        links = f"[Markdown]({t.name}.md) · [CSV]({t.name}.csv) · [LaTeX]({t.name}.tex)"
-        lines += [f"### {t.title}", ""]
-        if t.name in INLINE_TABLES:
-            lines += [t.to_markdown(), links, ""]
-        else:
-            lines += [f"{len(t.rows)} rows: {links}", ""]
-    if section is not None:
-        lines += [
-            "## Training dynamics",
-            "",
-            f"From the tracking file `{display_path(section.path)}` "
-            "(written during training by `lorascope.tracking`; `lorascope dynamics` reads it): "
-            f"{section.summary()}.",
-            "",
-        ]
-        advice = [line for r in section.results for line in r.advice()]
-        lines += [f"- {line}" for line in advice] + ([""] if advice else [])
-        for name, meta in figures.items():
-            if name.startswith("dynamics_"):
-                lines += _figure_lines(name, meta)
-        for t in tables:
-            if t.name == "dynamics":
-                links = f"[Markdown]({t.name}.md) · [CSV]({t.name}.csv) · [LaTeX]({t.name}.tex)"
-                lines += [f"### {t.title}", "", t.to_markdown(), links, ""]
-    return "\n".join(lines)
-
-
-def _figure_lines(name: str, meta: dict[str, Any]) -> list[str]:
-    return [
-        f"### {meta['title']}",
-        "",
-        f"![{meta['title']}]({name}.png)",
-        "",
-        f"{meta['caption']} ([PDF]({name}.pdf))",
-        "",
-    ]
-
-
-def _factor(factor: str) -> str:
-    return {
-        "A": "the right-singular vectors of A (the paper's)",
-        "B": "the left-singular vectors of B",
-        "right": "ΔW's right-singular vectors",
-        "left": "ΔW's left-singular vectors",
-    }[factor]

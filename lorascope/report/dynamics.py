@@ -124,7 +124,7 @@ def dynamics_section(path: str | Path, *, k: int | None = None) -> DynamicsSecti
     res = dynamics(run, k=k)
     sec = DynamicsSection(path, run, res)
     sec.tables = [_table(res)]
-    where = f"`{display_path(path)}`"
+    where = display_path(path)  # captions are plain text (index.md, index.html, results.h5)
     n, every = len(run), run.attrs.get("every")
     s1_first = [next((s[0] for s in d.singular_values if s and s[0]), None) for d in res]
     s1_last = [d.singular_values[-1][0] if d.singular_values[-1] else None for d in res]

@@ -80,6 +80,28 @@ def _nums(values: dict[str, float]) -> str:
     return ", ".join(f"{v:.2f} ({k})" for k, v in values.items())
 
 
+def _one_or_each(values: dict[str, str]) -> str:
+    """``"x"`` when every key has the value ``x``, else ``"x (k1), y (k2)"``."""
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return ", ".join(f"{v} ({k})" for k, v in values.items())
+
+
+def directions(factor: str) -> str:
+    """What φ compares for ``factor`` (:class:`~lorascope.report.ReportOptions`)."""
+    return {
+        "A": "right-singular directions of A",
+        "B": "left-singular directions of B",
+        "right": "right-singular directions of ΔW",
+        "left": "left-singular directions of ΔW",
+    }[factor]
+
+
+def _random_level(i: int, j: int, n: int) -> str:
+    """``E[φ(i, j)] = max(i, j)/n`` for two random subspaces of ``R^n`` (DESIGN.md), as text."""
+    return f"{max(i, j)}/{n} = {max(i, j) / n:.3f}"
+
+
 def _fig3(d: ReportData) -> ReportFigure:
     lo, hi = d.rank_pair
     o = d.options
@@ -97,13 +119,19 @@ def _fig3(d: ReportData) -> ReportFigure:
         phi11[kind] = float(res.phi[0, 0])
         diag[kind] = float(np.mean(np.diagonal(res.phi)[:z]))
     _colorbar(fig, list(axes.flat))
-    dim = d.at_layer(d.rank_sim[kinds[0]])[0].dim
+    # n: d_in for A's / ΔW's right directions, d_out for B's / ΔW's left ones (GQA: k, v differ)
+    dims = {kind: d.at_layer(d.rank_sim[kind])[0].dim for kind in kinds}
+    if len(set(dims.values())) == 1:
+        dim = dims[kinds[0]]
+        rnd = f"subspaces of R^{dim} would give max(i, j)/{dim}, {1 / dim:.3f} at (1, 1)."
+    else:
+        at11 = _one_or_each({k: _random_level(1, 1, n) for k, n in dims.items()})
+        rnd = f"subspaces of R^n would give max(i, j)/n, at (1, 1) {at11}."
     caption = (
         f"Subspace similarity φ(A_r={lo.rank}, A_r={hi.rank}, i, j) between the top-i "
-        f"right-singular directions of A at r = {lo.rank} and the top-j at r = {hi.rank} "
+        f"{directions(o.factor)} at r = {lo.rank} and the top-j at r = {hi.rank} "
         f"(i ≤ {lo.rank}, j ≤ {hi.rank}), layer {o.layer}; right: zoomed to i, j ≤ {z}. "
-        f"φ(1, 1) = {_nums(phi11)}; mean φ(i, i) for i ≤ {z} = {_nums(diag)}; two random "
-        f"subspaces of R^{dim} would give max(i, j)/{dim}, {1 / dim:.3f} at (1, 1)."
+        f"φ(1, 1) = {_nums(phi11)}; mean φ(i, i) for i ≤ {z} = {_nums(diag)}; two random {rnd}"
     )
     return ReportFigure("fig3_rank_similarity", "Figure 3 analogue", caption, fig, paths)
 
@@ -125,13 +153,22 @@ def _fig4(d: ReportData) -> ReportFigure:
     _heat(axes[-1], first.random_phi, f"random Gaussian, {first.dim}×{a.rank}", max_xticks=6)
     paths.append(sim_path("seeds", kinds[0], o.layer) + "/random_phi")
     _colorbar(fig, axes)
-    expected = float(first.expected_random.mean())
+    dims = {kind: d.at_layer(d.seed_sim[kind])[0].dim for kind in kinds}
+    if len(set(dims.values())) == 1:
+        expected = f"max(i, j)/{first.dim} = {float(first.expected_random.mean()):.3f}"
+        shape = f"{a.rank}×{first.dim}"
+    else:  # the random panel is drawn in the first kind's space
+        mean = {k: float(d.at_layer(d.seed_sim[k])[0].expected_random.mean()) for k in kinds}
+        expected = "max(i, j)/n = " + ", ".join(
+            f"{mean[k]:.3f} ({k}, n = {n})" for k, n in dims.items()
+        )
+        shape = f"{a.rank}×{first.dim} (as for {_sub(kinds[0])})"
     caption = (
         f"φ(A_r={a.rank}, A'_r={a.rank}, i, j) between two runs at r = {a.rank} (seeds {a.seed} "
         f"and {b.seed}), layer {o.layer}, i, j ≤ {a.rank}; right: the same for the right-singular "
-        f"directions of two random Gaussian matrices of shape {a.rank}×{first.dim}. Mean φ over "
-        f"the grid = {_nums(means)}; random {float(first.random_phi.mean()):.3f} "
-        f"(expected mean of max(i, j)/{first.dim} = {expected:.3f})."
+        f"directions of two random Gaussian matrices of shape {shape}. Mean φ over the grid = "
+        f"{_nums(means)}; random {float(first.random_phi.mean()):.3f} (expected mean of "
+        f"{expected})."
     )
     return ReportFigure("fig4_seed_similarity", "Figure 4 analogue", caption, fig, paths)
 
@@ -189,25 +226,37 @@ def _fig8(d: ReportData) -> ReportFigure:
     fig = Figure(figsize=(1.9 * (len(prim) + 1) + 0.8, 2.4 * len(kinds) + 0.3))
     fig.set_layout_engine("constrained")
     axes = fig.subplots(len(kinds), len(prim) + 1, squeeze=False)
-    paths, top, w_i = [], {}, o.weight_top
+    paths, top, w_i = [], {}, {}
+    rnd: dict[str, dict[str, str]] = {kind: {} for kind in kinds}  # kind -> "r=…" -> level
     for row, kind in zip(axes, kinds, strict=True):
         for ax, m in zip(row, prim, strict=False):
             res = d.weight_sim[m.label][kind]
             _heat(ax, res.phi, f"{_sub(kind)}, r={m.rank}", i="i (W)", j="j (ΔW)", max_xticks=4)
             paths.append(wsim_path(m.label, kind))
-            w_i = res.phi.shape[0]
+            # W has min(d_out, d_in) directions, in R^d_in (right) or R^d_out (left): per kind
+            i, j = res.phi.shape
+            w_i[kind] = str(i)
             top[f"{kind}, r={m.rank}"] = float(res.phi[-1, -1])
+            rnd[kind][f"r={m.rank}"] = _random_level(i, j, res.dim)
         last = d.weight_sim[prim[-1].label][kind]
         title = f"random vs {_sub(kind)}, r={prim[-1].rank}"
         _heat(row[-1], last.random_phi, title, i="i (random)", j="j (ΔW)", max_xticks=4)
         paths.append(wsim_path(prim[-1].label, kind) + "/random_phi")
     _colorbar(fig, list(axes.flat))
-    dim = d.weight_sim[prim[0].label][kinds[0]].dim
+    top_i = _one_or_each(w_i)
+    if len(set(w_i.values())) == 1:
+        share = f"W's top {top_i}, φ({top_i}, r)"
+    else:
+        share = "W's top i, φ(i, r)"
+    if all(len(set(by_r.values())) == 1 for by_r in rnd.values()):  # r ≤ i throughout
+        levels = {kind: next(iter(by_r.values())) for kind, by_r in rnd.items()}
+    else:  # r > i: the level is max(i, r)/n, one per rank
+        levels = {f"{kind}, {r}": v for kind, by_r in rnd.items() for r, v in by_r.items()}
     caption = (
-        f"φ between the top-i {o.side}-singular directions of W (i ≤ {w_i}) and the top-j of ΔW, "
-        f"layer {o.layer}, for r = {', '.join(str(m.rank) for m in prim)}; right: random "
-        f"directions in place of W's. The share of ΔW's subspace inside W's top {w_i}, "
-        f"φ({w_i}, r) = {_nums(top)}; random: {w_i}/{dim} = {w_i / dim:.3f}."
+        f"φ between the top-i {o.side}-singular directions of W (i ≤ {top_i}) and the top-j of "
+        f"ΔW, layer {o.layer}, for r = {', '.join(str(m.rank) for m in prim)}; right: random "
+        f"directions in place of W's. The share of ΔW's subspace inside {share} = "
+        f"{_nums(top)}; random: {_one_or_each(levels)}."
     )
     return ReportFigure("fig8_weight_similarity", "Figure 8 analogue", caption, fig, paths)
 

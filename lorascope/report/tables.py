@@ -22,11 +22,13 @@ __all__ = ["Column", "Table", "report_tables"]
 
 @dataclass(frozen=True)
 class Column:
-    """A column: ``key`` (CSV), ``label`` (Markdown), ``tex`` (LaTeX, default ``label``)."""
+    """A column: ``key`` (CSV), ``label`` (Markdown and HTML), ``tex`` (LaTeX, default
+    ``label``); ``code``: cells shown as code (paths) in Markdown and HTML."""
 
     key: str
     label: str
     tex: str | None = None
+    code: bool = False
 
 
 @dataclass
@@ -46,14 +48,28 @@ class Table:
             out.writerow(["" if _missing(v) else v for v in row])
         return buf.getvalue()
 
+    def aligns(self) -> list[str]:
+        """``"left"`` or ``"right"`` per column: left for the first column and for text, right
+        for numbers."""
+        text = [any(isinstance(row[k], str) for row in self.rows) for k in range(len(self.columns))]
+        return ["left" if k == 0 or text[k] else "right" for k in range(len(self.columns))]
+
+    def text_rows(self) -> list[list[str]]:
+        """The rows as shown in Markdown and HTML: 4 significant digits, ``-`` if missing."""
+        return [[_fmt(v) for v in row] for row in self.rows]
+
     def to_markdown(self) -> str:
         head = "| " + " | ".join(c.label for c in self.columns) + " |"
-        rule = "|" + "|".join("---" if k == 0 else "---:" for k in range(len(self.columns))) + "|"
-        body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in self.rows]
+        rule = "|" + "|".join("---" if a == "left" else "---:" for a in self.aligns()) + "|"
+        code = [c.code for c in self.columns]
+        body = [
+            "| " + " | ".join(f"`{v}`" if c else v for v, c in zip(row, code, strict=True)) + " |"
+            for row in self.text_rows()
+        ]
         return "\n".join([head, rule, *body]) + "\n"
 
     def to_latex(self) -> str:
-        spec = "l" + "r" * (len(self.columns) - 1)
+        spec = "".join(a[0] for a in self.aligns())  # "l" / "r"
         head = " & ".join(c.tex or _tex(c.label) for c in self.columns) + r" \\"
         body = [" & ".join(_tex(_fmt(v)) for v in row) + r" \\" for row in self.rows]
         return "\n".join(
