@@ -1,12 +1,15 @@
 """``lorascope`` — the click application. Thin: parse, load, call the public API, write.
 
 Bad input (any :class:`~lorascope.errors.LoraScopeError`, or a file the OS cannot open) ends
-with one line ``error: ...`` on stderr and exit status 2; warnings are one line each.
+with one line ``error: ...`` on stderr and exit status 2; warnings are one line each. A reader
+that closes the pipe early (``lorascope ... | head``) ends it quietly, with status 141.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -25,7 +28,15 @@ class _Group(click.Group):
             warnings.simplefilter("always", LoraScopeWarning)
             warnings.showwarning = _show_warning
             try:
-                return super().invoke(ctx)
+                result = super().invoke(ctx)
+                sys.stdout.flush()  # here, not at exit, so that a reader gone is handled below
+                return result
+            except BrokenPipeError:  # `lorascope ... | head`: the reader has gone away
+                _reader_gone(ctx)
+            except SystemExit as e:  # rich's Console exits 1 itself on a broken pipe
+                if isinstance(e.__context__, BrokenPipeError):
+                    _reader_gone(ctx)
+                raise
             except LoraScopeError as e:
                 _fail(ctx, str(e))
             except click.UsageError as e:  # a bad option of a command: one line too, exit 2
@@ -34,6 +45,25 @@ class _Group(click.Group):
             except OSError as e:  # missing file, a directory where a file was expected, ...
                 name = e.filename if e.filename is not None else ""
                 _fail(ctx, f"{name}: {e.strerror or e}" if name else str(e))
+
+
+def _reader_gone(ctx: click.Context) -> None:
+    """Stop quietly when stdout's reader has closed the pipe (``lorascope spectrum A | head``).
+
+    Python ignores SIGPIPE, so the write raised ``BrokenPipeError`` instead of killing the
+    process; stdout is pointed at ``/dev/null`` so that the flush at exit cannot raise (and print
+    "Exception ignored ... BrokenPipeError") again. The exit status is 141 = 128 + SIGPIPE, what
+    the shell reports for a tool that SIGPIPE ended (``yes | head``): with ``set -o pipefail`` a
+    script treats lorascope like every other tool, and it is told apart from bad input (2) and
+    bugs (1).
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor
+        pass
+    ctx.exit(141)
 
 
 def _fail(ctx: click.Context, message: str) -> None:
@@ -67,6 +97,7 @@ def _add_commands() -> None:
         spectrum,
         weight_similarity,
     )
+    from lorascope.cli.check import check
     from lorascope.cli.collection import neighbors, outliers, shared
     from lorascope.cli.compare import compare
     from lorascope.cli.dynamics import dynamics_cmd
@@ -76,6 +107,7 @@ def _add_commands() -> None:
     from lorascope.cli.report import report
     from lorascope.cli.scan import scan
     from lorascope.cli.train import train
+    from lorascope.cli.verify import verify_merge
 
     for cmd in (
         inspect,
@@ -86,6 +118,8 @@ def _add_commands() -> None:
         rank,
         resize,
         merge,
+        verify_merge,
+        check,
         intruders,
         compare,
         dynamics_cmd,

@@ -7,22 +7,8 @@ from pathlib import Path
 import click
 
 from lorascope.cli.options import base_delta_options, output_options, reading_options
-from lorascope.cli.output import print_csv, print_json, print_table
-from lorascope.merge import OUT_DTYPES, merge_adapter
-
-_COLS = [
-    "module",
-    "layer",
-    "kind",
-    "rank",
-    "tensor",
-    "file",
-    "dtype",
-    "scale",
-    "norm_w",
-    "norm_delta",
-    "norm_applied",
-]
+from lorascope.cli.output import print_results
+from lorascope.merge import OUT_DTYPES, ROUNDINGS, merge_adapter
 
 
 @click.command()
@@ -45,8 +31,19 @@ _COLS = [
     is_flag=True,
     help="Replace an existing --out (a model directory or .safetensors file; never an input).",
 )
+@click.option(
+    "--rounding",
+    type=click.Choice(list(ROUNDINGS)),
+    default="single",
+    show_default=True,
+    help="single: W + ΔW rounded once to the dtype. peft: bit-identical to peft's "
+    "merge_and_unload() on CPU with the base loaded in the output dtype (ΔW rounded on its own, "
+    "then added; plain LoRA only).",
+)
 @output_options
-def merge(base_path: Path, delta_path: Path, read, out_path: Path, dtype, force, out) -> None:
+def merge(
+    base_path: Path, delta_path: Path, read, out_path: Path, dtype, force, rounding, out
+) -> None:
     """Write the base model with the adapter merged in, W' = W + (alpha/r)·B A, as safetensors.
 
     A model directory gives a directory with the same file names (torch .bin shards become
@@ -60,36 +57,13 @@ def merge(base_path: Path, delta_path: Path, read, out_path: Path, dtype, force,
         out_path,
         dtype=None if dtype is None else OUT_DTYPES[dtype],
         force=force,
+        rounding=rounding,
     )
-    dicts = [m.to_dict() for m in report.modules]
-    if out == "json":
-        print_json(dicts)
-        return
-    rows = [[d[c] for c in _COLS] for d in dicts]
-    if out == "csv":
-        print_csv(_COLS, rows)
-        return
     title = (
-        f"{report.out}: {len(dicts)} modules merged; {len(report.files)} weight file(s)"
+        f"{report.out}: {len(report.modules)} modules merged; {len(report.files)} weight file(s)"
         + (" (torch -> safetensors)" if report.converted else "")
         + f", {report.copied_tensors} tensors copied unchanged, "
         f"{len(report.copied_files)} other files copied"
+        + ("; peft's rounding" if report.rounding == "peft" else "")
     )
-    print_table(
-        title,
-        ["module", "layer", "kind", "rank", "file", "dtype", "‖W‖_F", "‖ΔW‖_F", "‖W'−W‖_F"],
-        [
-            [
-                d["module"],
-                d["layer"],
-                d["kind"],
-                d["rank"],
-                d["file"],
-                d["dtype"],
-                d["norm_w"],
-                d["norm_delta"],
-                d["norm_applied"],
-            ]
-            for d in dicts
-        ],
-    )
+    print_results(report.modules, out, title)

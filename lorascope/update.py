@@ -15,11 +15,15 @@ so the true update is ``ΔW = W' − W = diag(g − 1)·W + diag(g)·s·B A`` (a
 Everything here takes ``W`` in ``nn.Linear`` orientation, ``(d_out, d_in)`` (a conv kernel
 flattened to ``(out, in·kh·kw)``), as :meth:`lorascope.formats.BaseWeights.weight_for` returns
 it, and reads ``W`` one block of rows at a time: nothing ``W``-sized is allocated beyond what a
-caller asks for (``merged_weight``).
+caller asks for (``merged_weight``; :func:`merged_blocks` hands it out one block at a time).
+
+Merging into a stored checkpoint tensor (a transposed ``Conv1D``, a fused part's rows, a conv
+kernel), with ``lorascope merge``'s two roundings, is :mod:`lorascope.tensor_merge`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -32,6 +36,7 @@ __all__ = [
     "dora_gain",
     "with_base",
     "merged_weight",
+    "merged_blocks",
     "delta_weight",
     "full_update_svdvals",
 ]
@@ -180,6 +185,39 @@ def merged_weight(
         g = dora_gain(module, W, dtype=dtype) if gain is None else gain.to(dtype)
         out = g.reshape(-1, 1) * out if module.magnitude.axis == "out" else out * g.reshape(1, -1)
     return out
+
+
+def merged_blocks(
+    module: LoraModule,
+    W: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float64,
+    gain: torch.Tensor | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """:func:`merged_weight` one block of rows at a time: ``(i, W[i:i+n], W'[i:i+n])`` in
+    ``dtype``, so a caller can scan ``W' = W + ΔW`` (or DoRA's rescaled sum) holding a few MB.
+
+    ``W`` is ``(d_out, d_in)``, any float dtype (a memory-mapped tensor is read block by
+    block). DoRA's gain (:func:`dora_gain`, one more pass over ``W``) is computed first unless
+    given.
+    """
+    _check(module, W)
+    if module.update == "dora-rank-r":
+        raise ShapeError(f"{module.tensor_name()}: merge from the module as read, not resolved")
+    A = module.A.to(device=W.device, dtype=dtype)  # (r, d_in)
+    B = module.B.to(device=W.device, dtype=dtype)  # (d_out, r)
+    g = None
+    if module.magnitude is not None:
+        g = dora_gain(module, W, dtype=dtype) if gain is None else gain.to(dtype)
+    d_out, d_in = module.shape
+    step = _rows(d_out, d_in, dtype)
+    for i in range(0, d_out, step):
+        w = W[i : i + step].to(dtype)  # (rows, d_in)
+        new = w + module.scale * (B[i : i + step] @ A)  # (rows, r) @ (r, d_in)
+        if g is not None:
+            axis_out = module.magnitude.axis == "out"
+            new = g[i : i + step].reshape(-1, 1) * new if axis_out else new * g.reshape(1, -1)
+        yield i, w, new
 
 
 def delta_weight(

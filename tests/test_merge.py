@@ -66,6 +66,17 @@ def peft_merged(pm) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
 
 
+def perturb_lora(pm, seed: int, size: float = 0.05) -> None:
+    """Every LoRA factor of a peft model set to ``size ·`` N(0, 1) draws (its own generator):
+    ``B A`` dense and of a realistic size, whatever the init (shared by test_merge_rounding,
+    test_verify_merge and test_check)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(size * torch.randn(p.shape, generator=g))
+
+
 # ----------------------------------------------------------------------------- llama, sharded
 
 

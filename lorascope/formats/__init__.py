@@ -26,7 +26,9 @@ plain       ``<name>.lora_A[.weight]``/``lora_B`` or bare ``lora_A``/``lora_B`` 
 
 Writers: :func:`save_adapter` (PEFT, kohya or ``.h5``, atomically; see
 :mod:`lorascope.formats.write`), and the lower-level :func:`write_peft_adapter`,
-:func:`write_kohya`, :func:`save_h5`.
+:func:`write_kohya`, :func:`save_h5`. Checkpoints: :func:`write_checkpoint` writes a base
+checkpoint again, shard for shard, with some tensors replaced (``lorascope merge``; see
+:mod:`lorascope.formats.merged`).
 
 Nothing here executes code from a file: safetensors, HDF5, GGUF and
 ``torch.load(weights_only=True)``. Every failure is a ``LoraScopeError`` with a one-line message
@@ -46,6 +48,7 @@ from lorascope.formats.base import BaseWeights, load_base
 from lorascope.formats.hdf5 import save_h5
 from lorascope.formats.kohya import write_kohya
 from lorascope.formats.layouts import LAYOUTS, Layout, detect
+from lorascope.formats.merged import write_checkpoint
 from lorascope.formats.peft import write_peft_adapter
 from lorascope.formats.write import (
     OUT_FORMATS,
@@ -54,6 +57,7 @@ from lorascope.formats.write import (
     save_adapter,
     save_rank_pattern,
 )
+from lorascope.hub import resolve_path
 
 __all__ = [
     "load_adapter",
@@ -65,6 +69,7 @@ __all__ = [
     "save_h5",
     "write_peft_adapter",
     "write_kohya",
+    "write_checkpoint",
     "save_adapter",
     "check_out",
     "rank_pattern_config",
@@ -92,7 +97,8 @@ def load_adapter(
     ----------
     path : str or Path
         A directory (PEFT, mlx-lm, diffusers, torchtune) or an adapter file (``.safetensors``,
-        ``.pt``/``.bin``, ``.h5``, ``.gguf``).
+        ``.pt``/``.bin``, ``.h5``, ``.gguf``); or a Hub name ``org/name[/sub][@rev]`` already in
+        the local Hugging Face cache (:func:`lorascope.hub.resolve_path`; never downloads).
     fmt : str, optional
         Skip autodetection: one of :data:`FORMATS`.
     alpha : float, optional
@@ -127,7 +133,7 @@ def load_adapter(
     NonFiniteError
         NaN/Inf in a factor.
     """
-    path = Path(path)
+    path = resolve_path(path)  # a local path, or org/name[@rev] from the local HF cache
     if alpha is not None and (
         isinstance(alpha, bool)
         or not isinstance(alpha, (int, float))
