@@ -234,7 +234,8 @@ def markdown(scan_res: dict | None, shared_res: dict | None) -> str:
             f"loading every tensor of every file in one process, {s['floor']:.1f} s from the "
             f"page cache, {s['cold']:.1f} s from the disk (evicted first). Kernel floor: the "
             f"factored SVDs alone (96 per adapter, float64, one thread), {s['kernel']:.1f} s. "
-            f"Database: {s['db_bytes'] / s['n'] / 2**20:.1f} MiB per adapter (top-8 U and V).",
+            f"Database: {s['db_bytes'] / s['n'] / 2**20:.1f} MiB per adapter (the default: top-8 V "
+            "only).",
             "",
             "| engine | seconds | adapters/s | vs read (cache) | vs read (disk) | vs kernel | "
             "vs 1 worker |",

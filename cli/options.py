@@ -117,7 +117,12 @@ def compute_options(f: Callable) -> Callable:
 
 
 def output_options(f: Callable) -> Callable:
-    @click.option("--json", "as_json", is_flag=True, help="One JSON object per module.")
+    @click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="JSON instead of a table (analyses: one object per module; see README, JSON output).",
+    )
     @click.option("--csv", "as_csv", is_flag=True, help="Tidy CSV.")
     @functools.wraps(f)
     def wrapper(*args, as_json, as_csv, **kwargs):

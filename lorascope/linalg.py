@@ -925,5 +925,6 @@ def weight_products(
     for i in range(0, m, rows):
         blk = W[i : i + rows].to(dtype)  # (rows, n): the only upcast copy
         torch.mm(blk, V, out=out[i : i + rows])  # (rows, n) @ (n, c)
-        total += float(blk.square().sum())
+        flat = blk.reshape(-1)
+        total += float(torch.dot(flat, flat))  # Σ w² without a squared temporary
     return out, total**0.5

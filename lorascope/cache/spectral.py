@@ -31,7 +31,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import tempfile
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -39,8 +38,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from lorascope._files import save_safetensors
 from lorascope.linalg import SVD, TOP_PROVIDER, TopSVDInfo, top_singular
 
 __all__ = ["SpectralCache", "default_cache_dir", "DEFAULT_MAX_BYTES"]
@@ -186,15 +185,8 @@ class SpectralCache:
         }
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            try:
-                save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()})
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)  # atomic: readers see the old entry or the new one
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+            # atomic: readers see the old entry or the new one, never a part
+            save_safetensors(tensors, path, metadata={k: str(v) for k, v in meta.items()})
         except OSError as e:  # a read-only or full disk costs the reuse, never the result
             log.warning("spectral cache: cannot write %s (%s)", path, e)
             return

@@ -7,8 +7,9 @@
     print(report.summary())
 
 writes Figure 3/4/6/7/8 analogues, Table 7, spectra and effective ranks (PNG + PDF figures;
-Markdown, CSV and LaTeX tables), every number in ``results.h5`` and an ``index.md`` with
-captions. Everything goes through the public analysis API (:mod:`lorascope.analysis`).
+Markdown, CSV and LaTeX tables), every number in ``results.h5`` and the page with captions
+twice, ``index.md`` and a self-contained ``index.html``. Everything goes through the public
+analysis API (:mod:`lorascope.analysis`).
 """
 
 from lorascope.report.build import Report, build_report

@@ -150,7 +150,7 @@ def _fig4(d: ReportData) -> ReportFigure:
         paths.append(sim_path("seeds", kind, o.layer))
         means[kind] = float(res.phi.mean())
     first = d.at_layer(d.seed_sim[kinds[0]])[0]
-    _heat(axes[-1], first.random_phi, f"random Gaussian, {first.dim}×{a.rank}", max_xticks=6)
+    _heat(axes[-1], first.random_phi, f"random Gaussian, {a.rank}×{first.dim}", max_xticks=6)
     paths.append(sim_path("seeds", kinds[0], o.layer) + "/random_phi")
     _colorbar(fig, axes)
     dims = {kind: d.at_layer(d.seed_sim[kind])[0].dim for kind in kinds}
