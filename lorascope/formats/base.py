@@ -347,7 +347,10 @@ class BaseWeights:
                 while done < hi - lo:
                     got = os.preadv(fd, [buf[done:]], start + begin + lo + done)
                     if got <= 0:
-                        raise OSError(f"file ends {hi - lo - done} bytes early")
+                        raise FormatError(
+                            f"{file}: {key} ends {hi - lo - done} bytes before its data does "
+                            "(a truncated file?)"
+                        )
                     done += got
             finally:
                 os.close(fd)
