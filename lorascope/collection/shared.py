@@ -358,7 +358,7 @@ def shared_subspace(
     kk = int(np.median(ranks)) if k is None else int(k)
     if not 1 <= kk <= d:
         raise LoraScopeError(f"k must be in [1, {d}], got {kk}")
-    total = float(X.square().sum())
+    total = float(torch.linalg.vector_norm(X)) ** 2  # ‖X‖_F², without a squared copy of X
     P, S = shared_basis(X, max_k, dask=dask)
     K = int(S.shape[0])
     energy = _energy(S, total)

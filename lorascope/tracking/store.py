@@ -193,7 +193,10 @@ class RunWriter:
     ) -> None:
         """One snapshot: ``metrics[name]`` is ``(M,)`` for :data:`SCALARS`, ``(M, K)`` for
         ``sigma``/``phi_prev``; ``factors`` one ``(A, B)`` per module, or ``None``.
-        ``steps`` is written last, then the file is flushed."""
+        The metrics and factors are flushed first, then ``steps`` is written last and flushed
+        again: HDF5 may write dirty metadata (a dataset's new extent) in any order between two
+        flushes, so without the first one a run killed mid-append could leave ``steps`` one
+        snapshot ahead of ``factor_steps`` (seen once in CI)."""
         ds = self.ds
         for name in (*SCALARS, *VECTORS):
             self._append(ds[f"metrics/{name}"], metrics[name])
@@ -203,6 +206,7 @@ class RunWriter:
                 self._append(ds[f"factors/{i:03d}/B"], B)
             self._append(ds["factor_steps"], step)
             self.n_factors += 1
+        self.f.flush()
         self._append(ds["seconds"], seconds)
         self._append(ds["loss"], np.nan if loss is None else float(loss))
         self._append(ds["steps"], step)
