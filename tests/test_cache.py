@@ -177,6 +177,14 @@ def test_keys_follow_content_and_source():
     c = W.clone()
     cache.tag(c, "other-digest|q.weight|(60, 40)|False|None")
     assert cache.key(a) != cache.key(c)
+    # an edit of one row outside the row sample (same file layout) still changes the key
+    from lorascope.cache.spectral import _spread
+
+    row = next(i for i in range(W.shape[0]) if i not in _spread(W.shape[0]))
+    d = W.clone()
+    cache.tag(d, "digest|q.weight|(60, 40)|False|None")
+    d[row] += 0.5
+    assert cache.key(a) != cache.key(d)
 
 
 def test_fingerprints_of_base_weights(tmp_path):

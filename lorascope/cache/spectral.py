@@ -76,6 +76,11 @@ def _raw(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+def _spread(n: int) -> list[int]:
+    """Up to ``_SAMPLE_ROWS`` evenly spaced indices of ``range(n)``, first and last included."""
+    return sorted({round(i * (n - 1) / (_SAMPLE_ROWS - 1)) for i in range(_SAMPLE_ROWS)})
+
+
 class SpectralCache:
     """Top singular triplets and full SVDs of base weights, on disk, keyed by content.
 
@@ -150,10 +155,11 @@ class SpectralCache:
             h.update(_raw(W))
         else:
             h.update(f"source={source}|".encode())
-            rows = sorted(
-                {round(i * (W.shape[0] - 1) / (_SAMPLE_ROWS - 1)) for i in range(_SAMPLE_ROWS)}
-            )
+            rows = _spread(W.shape[0])
             h.update(_raw(W[rows]))  # (32, n): a different weight of the same layout differs
+            # and (m, 32): every row enters the key, so an edit of a few rows (a model edit, new
+            # token rows) in a file with the same header is a different entry too
+            h.update(_raw(W[:, _spread(W.shape[1])]))
         return h.hexdigest()
 
     # ------------------------------------------------------------------ files
