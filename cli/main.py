@@ -7,6 +7,7 @@ that closes the pipe early (``lorascope ... | head``) ends it quietly, with stat
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -18,10 +19,48 @@ import click
 from lorascope import __version__
 from lorascope.errors import LoraScopeError, LoraScopeWarning
 
+# Each command's module, imported only when the command runs (or ``lorascope --help`` lists the
+# short help of all): one command does not pay for the imports of the others (h5py, rich,
+# sqlite3, the collection and tracking code). The click "LazyGroup" pattern.
+_COMMANDS: dict[str, str] = {
+    "inspect": "lorascope.cli.analyze:inspect",
+    "spectrum": "lorascope.cli.analyze:spectrum",
+    "similarity": "lorascope.cli.analyze:similarity",
+    "amplify": "lorascope.cli.analyze:amplify",
+    "weight-similarity": "lorascope.cli.analyze:weight_similarity",
+    "rank": "lorascope.cli.rank:rank",
+    "resize": "lorascope.cli.rank:resize",
+    "merge": "lorascope.cli.merge:merge",
+    "verify-merge": "lorascope.cli.verify:verify_merge",
+    "check": "lorascope.cli.check:check",
+    "intruders": "lorascope.cli.intruders:intruders",
+    "compare": "lorascope.cli.compare:compare",
+    "dynamics": "lorascope.cli.dynamics:dynamics_cmd",
+    "shared": "lorascope.cli.collection:shared",
+    "neighbors": "lorascope.cli.collection:neighbors",
+    "outliers": "lorascope.cli.collection:outliers",
+    "report": "lorascope.cli.report:report",
+    "train": "lorascope.cli.train:train",
+    "scan": "lorascope.cli.scan:scan",
+}
+
 
 class _Group(click.Group):
     """Turns bad-input errors (and a command's bad options) into one line on stderr and exit
-    status 2 (bugs still raise)."""
+    status 2 (bugs still raise). Commands are listed from :data:`_COMMANDS` and imported on
+    first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(_COMMANDS))  # click.Group's order: by name
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in _COMMANDS:
+            module, attribute = _COMMANDS[cmd_name].split(":")
+            command = getattr(importlib.import_module(module), attribute)
+            if command.name != cmd_name:  # else `--help` lists a name that no longer resolves
+                raise RuntimeError(f"{_COMMANDS[cmd_name]} is named {command.name!r}")
+            self.add_command(command)
+        return self.commands.get(cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         with warnings.catch_warnings():
@@ -87,50 +126,3 @@ def main(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s"
     )
-
-
-def _add_commands() -> None:
-    from lorascope.cli.analyze import (
-        amplify,
-        inspect,
-        similarity,
-        spectrum,
-        weight_similarity,
-    )
-    from lorascope.cli.check import check
-    from lorascope.cli.collection import neighbors, outliers, shared
-    from lorascope.cli.compare import compare
-    from lorascope.cli.dynamics import dynamics_cmd
-    from lorascope.cli.intruders import intruders
-    from lorascope.cli.merge import merge
-    from lorascope.cli.rank import rank, resize
-    from lorascope.cli.report import report
-    from lorascope.cli.scan import scan
-    from lorascope.cli.train import train
-    from lorascope.cli.verify import verify_merge
-
-    for cmd in (
-        inspect,
-        spectrum,
-        similarity,
-        amplify,
-        weight_similarity,
-        rank,
-        resize,
-        merge,
-        verify_merge,
-        check,
-        intruders,
-        compare,
-        dynamics_cmd,
-        shared,
-        neighbors,
-        outliers,
-        report,
-        train,
-        scan,
-    ):
-        main.add_command(cmd)
-
-
-_add_commands()

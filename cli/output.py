@@ -13,16 +13,19 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from lorascope.columns import Column, format_value
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 
 def console() -> Console:
+    from rich.console import Console  # here, not at the top: --json/--csv runs never need rich
+
     # A fixed width when piped, so CliRunner output and logs are not squeezed to 80 columns.
     return Console(width=None if sys.stdout.isatty() else 160, soft_wrap=False)
 
@@ -35,6 +38,8 @@ def fmt(x: Any, digits: int = 4) -> str:
 def print_table(title: str, columns: Sequence[str | Column], rows: Iterable[Sequence[Any]]) -> None:
     """A rich table; a :class:`~lorascope.columns.Column` gives its header and digits, a plain
     string is a header of a 4-digit column."""
+    from rich.table import Table
+
     cols = [c if isinstance(c, Column) else Column(c) for c in columns]
     table = Table(title=title, title_justify="left", header_style="bold")
     for i, c in enumerate(cols):

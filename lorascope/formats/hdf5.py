@@ -27,8 +27,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import h5py
 import numpy as np
 import torch
 
@@ -41,6 +41,9 @@ from lorascope.formats._common import (
     make_module,
     one_line,
 )
+
+if TYPE_CHECKING:
+    import h5py
 
 __all__ = ["save_h5", "read_h5", "H5_VERSION"]
 
@@ -87,6 +90,8 @@ def save_h5(adapter_or_modules: Adapter | Iterable[LoraModule], path: str | Path
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise FormatError(f"{path}: two modules share the key {dup!r}")
+    import h5py  # here, not at the top: h5py is slow to import and only .h5 files need it
+
     try:
         with h5py.File(path, "w") as f:
             f.attrs["format"] = H5_FORMAT
@@ -178,6 +183,8 @@ def _attr(obj, key: str, kind: type, path: Path, default=_MISSING):
 def _tensor(g: h5py.Group, label: str, path: Path) -> torch.Tensor:
     """Dataset ``label`` of ``g``: a float vector or matrix whose bytes the file really holds
     (a dataset declared multi-TB and never written is refused before anything is allocated)."""
+    import h5py
+
     ds = g.get(label)
     if not isinstance(ds, h5py.Dataset):
         raise FormatError(f"{path}: {g.name} has no dataset {label}")
@@ -218,6 +225,8 @@ def read_h5(path: str | Path) -> Adapter:
         (arrays where scalars belong, non-finite numbers, undeclared families, datasets larger
         than the bytes the file holds).
     """
+    import h5py  # here, not at the top: h5py is slow to import and only .h5 files need it
+
     path = Path(path)
     check_regular(path)
     try:
@@ -234,6 +243,8 @@ def read_h5(path: str | Path) -> Adapter:
 
 
 def _read(f: h5py.File, path: Path) -> Adapter:
+    import h5py
+
     if _attr(f, "format", str, path, None) != H5_FORMAT:
         raise FormatError(f"{path}: HDF5 file is not a lorascope adapter (no format='lorascope')")
     version = _attr(f, "version", int, path, None)
@@ -253,6 +264,8 @@ def _read(f: h5py.File, path: Path) -> Adapter:
 
 
 def _module(g: h5py.Group, label: str, path: Path) -> LoraModule:
+    import h5py
+
     if not isinstance(g, h5py.Group):
         raise FormatError(f"{path}: /modules/{label} is not a group")
     A, B = _tensor(g, "A", path), _tensor(g, "B", path)
