@@ -36,6 +36,7 @@ import math
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -75,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--skip", nargs="*", default=[], help="case groups to skip", choices=CASES)
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true", help="print, do not touch BENCHMARKS.md")
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="runs of each short case; the median is kept"
+    )
     args = ap.parse_args(argv)
     args.layers = args.layers or (2 if args.quick else 32)
     args.shards = min(args.shards or (2 if args.quick else 8), args.layers)
@@ -187,9 +191,17 @@ def _keys(layers: list[int]) -> list[str]:
     return [f"{_name(la, p)}.weight" for la in layers for p in PROJ]
 
 
-def _bench(cmd: list[str], env: dict) -> tuple[float, float]:
-    wall, rss, _ = run(cmd, env)
-    return wall, rss
+def _bench(cmd: list[str], env: dict, repeat: int = 1, before=None) -> tuple[float, float]:
+    """Median wall time of ``repeat`` fresh processes (``before()`` ahead of each) and the
+    largest peak RSS."""
+    walls, peak = [], 0.0
+    for _ in range(repeat):
+        if before is not None:
+            before()
+        wall, rss, _ = run(cmd, env)
+        walls.append(wall)
+        peak = max(peak, rss)
+    return statistics.median(walls), peak
 
 
 def krylov_vs_arpack(index: Path, layer: int, log) -> list[list[str]]:
@@ -287,16 +299,27 @@ def _run(args: argparse.Namespace, dims: dict, work: Path) -> str:
     dev = ["--device", args.device]
     base = ["--base", str(index)]
     L = args.layer
-    floor_layer, rss_floor_layer = _bench([py, "-c", _FLOOR, str(index), *_keys([L])], env)
-    floor_layer, rss_floor_layer = _bench([py, "-c", _FLOOR, str(index), *_keys([L])], env)
+    R = args.repeat
+    _bench([py, "-c", _FLOOR, str(index), *_keys([L])], env)  # page cache and disk warm
+    floor_layer, rss_floor_layer = _bench([py, "-c", _FLOOR, str(index), *_keys([L])], env, R)
     all_layers = list(range(args.layers))
-    floor_all, rss_floor_all = _bench([py, "-c", _FLOOR, str(index), *_keys(all_layers)], env)
+    floor_all, rss_floor_all = _bench([py, "-c", _FLOOR, str(index), *_keys(all_layers)], env, R)
     log(f"read floor: layer {fmt_s(floor_layer)}, all {fmt_s(floor_all)}")
 
     rows = []
 
-    def case(label: str, cmd: list[str], floor: float, cache: Path, target: str) -> None:
-        wall, rss = _bench(cmd, {**env, "LORASCOPE_CACHE_DIR": str(cache)})
+    def case(
+        label: str,
+        cmd: list[str],
+        floor: float,
+        cache: Path,
+        target: str,
+        repeat: int = 1,
+        cold: bool = False,
+    ) -> None:
+        """``repeat`` runs, median; ``cold``: the cache emptied before each."""
+        before = (lambda: shutil.rmtree(cache, ignore_errors=True)) if cold else None
+        wall, rss = _bench(cmd, {**env, "LORASCOPE_CACHE_DIR": str(cache)}, repeat, before)
         log(f"{label}: {fmt_s(wall)}, {rss:.2f} GiB")
         ratio = f"{wall / floor:.1f}×"
         rows.append([label, fmt_s(wall), f"{rss * 1024:,.0f} MiB", fmt_s(floor), ratio, target])
@@ -310,14 +333,16 @@ def _run(args: argparse.Namespace, dims: dict, work: Path) -> str:
     if "amplify-layer" not in args.skip:
         c = fresh("amplify-layer")
         amp = [*cli, "amplify", *base, *delta, "--layer", str(L), *dev]
-        case(f"amplify --layer {L}, cold", amp, floor_layer, c, "≤ 3× floor")
-        case(f"amplify --layer {L}, warm", amp, floor_layer, c, "≤ 1.5× floor")
+        case(f"amplify --layer {L}, cold", amp, floor_layer, c, "≤ 3× floor", R, cold=True)
+        case(f"amplify --layer {L}, warm", amp, floor_layer, c, "≤ 1.5× floor", R)
         case(
             f"amplify --layer {L} --no-w-baseline",
             [*amp, "--no-w-baseline"],
             floor_layer,
             fresh("none"),
             "≤ 1.5× floor",
+            R,
+            cold=True,
         )
     if "amplify-all" not in args.skip:
         c = fresh("amplify-all")
@@ -335,9 +360,9 @@ def _run(args: argparse.Namespace, dims: dict, work: Path) -> str:
         c = fresh("intruders")
         intr = [*cli, "intruders", *base, *delta, "--layer", str(L), *dev]
         case(f"intruders --layer {L}, cold", intr, floor_layer, c, "")
-        case(f"intruders --layer {L}, warm", intr, floor_layer, c, "")
+        case(f"intruders --layer {L}, warm", intr, floor_layer, c, "", R)
         q = [*cli, "intruders", *base, *delta, "--layer", str(L), "--module", "q", *dev]
-        case(f"intruders --layer {L} --module q, warm", q, floor_layer / 7, c, "≤ 2 s")
+        case(f"intruders --layer {L} --module q, warm", q, floor_layer / 7, c, "≤ 2 s", R)
     krylov = [] if "krylov" in args.skip else krylov_vs_arpack(index, L, log)
 
     shape = f"{dims['h']}/{dims['kv']}/{dims['mlp']}"
@@ -348,10 +373,13 @@ def _run(args: argparse.Namespace, dims: dict, work: Path) -> str:
         f"A Llama-3-8B-shaped base (hidden/kv/mlp = {shape}, {args.layers} layers × q, k, v, o, "
         f"gate, up, down, bf16, {args.shards} shards + index, {size / 2**30:.1f} GiB; synthetic "
         "weights with a decaying spectrum) and r = 16 PEFT adapters on all 7 projections. Each "
-        "case is one fresh `python -m lorascope …` process (interpreter start and imports "
-        "included), page cache warm; peak RSS is its `getrusage` high-water mark. *Cold*: an "
-        "empty spectral cache (`LORASCOPE_CACHE_DIR`); *warm*: the cache the cold run filled. "
-        "The floor is a fresh process that reads the same tensors once with `safe_open` and "
+        "case is a fresh `python -m lorascope …` process (interpreter start and imports "
+        f"included), page cache warm; one-layer and one-module cases and the floors: the median "
+        f"of {args.repeat} runs (this machine's timings vary by 20–30 % from run to run); peak "
+        "RSS is the largest `getrusage` high-water mark. *Cold*: an empty spectral cache "
+        "(`LORASCOPE_CACHE_DIR`), emptied before each run; *warm*: the cache the cold run "
+        "filled. The floor is a fresh process that reads the same tensors once with "
+        "`safe_open` and "
         f"upcasts them to float32 (layer {L}: {fmt_s(floor_layer)}, "
         f"{rss_floor_layer * 1024:,.0f} MiB; all layers: {fmt_s(floor_all)}, "
         f"{rss_floor_all * 1024:,.0f} MiB). Report and intruders of one module: floor scaled.\n"

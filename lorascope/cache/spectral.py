@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -127,6 +128,9 @@ class SpectralCache:
         self._sources: dict[int, tuple[weakref.ref, str]] = {}
         # the last few entries of this run, so the adapters of a report share them
         self._memory: OrderedDict[tuple[str, str], tuple[SVD, dict]] = OrderedDict()
+        # modules may run in threads (lorascope.analysis._common.map_modules): the counters and
+        # the in-memory entries change under this lock (files are written atomically anyway)
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         state = "" if self.enabled else ", disabled"
@@ -196,8 +200,9 @@ class SpectralCache:
         except OSError as e:  # a read-only or full disk costs the reuse, never the result
             log.warning("spectral cache: cannot write %s (%s)", path, e)
             return
-        self.writes += 1
-        self.evict()
+        with self._lock:
+            self.writes += 1
+            self.evict()
 
     def entries(self) -> list[Path]:
         """Entry files, least recently used first."""
@@ -246,6 +251,10 @@ class SpectralCache:
     # ------------------------------------------------------------------ lookups
 
     def _remember(self, key: tuple[str, str], entry: tuple[SVD, dict]) -> None:
+        with self._lock:
+            self._remember_locked(key, entry)
+
+    def _remember_locked(self, key: tuple[str, str], entry: tuple[SVD, dict]) -> None:
         self._memory[key] = entry
         self._memory.move_to_end(key)
         size = sum(_nbytes(svd) for svd, _ in self._memory.values())
@@ -292,11 +301,14 @@ class SpectralCache:
         (see the module docstring); the signature of :data:`lorascope.linalg.TOP_PROVIDER`."""
         key = self.key(W)
         hit = self._lookup(key, k, exact, tol, angle_tol)
+        with self._lock:
+            if hit is not None:
+                self.hits += 1
+            else:
+                self.misses += 1
         if hit is not None:
-            self.hits += 1
             svd, meta = hit
             return _take(svd, k, W.device, dtype), _info(meta)
-        self.misses += 1
         svd, info = compute()
         meta = {"k": k, "exact": "1" if exact else "0", "tol": tol}
         meta["angle_tol"] = "none" if angle_tol is None else angle_tol
@@ -318,9 +330,11 @@ class SpectralCache:
         p = min(W.shape)
         hit = self._lookup(key, p, True, 0.0, None)
         if hit is not None and hit[0].S.shape[0] >= p:
-            self.hits += 1
+            with self._lock:
+                self.hits += 1
             return _take(hit[0], p, W.device, dtype)
-        self.misses += 1
+        with self._lock:
+            self.misses += 1
         svd = compute()
         meta = {"k": p, "exact": "1", "tol": 0.0, "angle_tol": 0.0}
         meta["shape"] = "x".join(map(str, W.shape))

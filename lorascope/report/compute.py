@@ -34,6 +34,7 @@ from lorascope.analysis import (
     similarity,
     weight_similarity,
 )
+from lorascope.analysis._common import map_modules
 from lorascope.cache import SpectralCache
 from lorascope.errors import LoraScopeError, MissingModuleError
 from lorascope.formats import BaseWeights, load_base
@@ -302,8 +303,10 @@ def _against_base(
     cache: SpectralCache,
 ) -> None:
     """Table 7 for every module and Figure 8 at the chosen layer, reading each base weight
-    once (only one ``W`` is held at a time, so a large base costs one matrix of memory) and
-    decomposing it once for all adapters (its top singular triplets, through ``cache``)."""
+    once and decomposing it once for all adapters (its top singular triplets, through
+    ``cache``). On the CPU the base weights are taken in parallel, one per core with one
+    intra-op thread each (``analysis._common.map_modules``; memory: one ``W`` and its float32
+    copy per core); results land in the order of the modules, as a sequential pass gives."""
     o = data.options
     primaries = {m.label for m in data.primaries}
     keys = list(dict.fromkeys(x.key for xs in mods.values() for x in xs))
@@ -312,30 +315,43 @@ def _against_base(
         data.projections[m.label] = []
         if m.label in primaries:
             data.weight_sim[m.label] = {}
-    kw = {"seed": o.seed, "method": o.method, "dtype": dtype, "device": device}
+    # Figure 8: the first module of each kind at the chosen layer, per primary adapter
+    figure8: dict[tuple[str, str], str] = {}
     for key in keys:
-        W = None
+        for m in data.members:
+            x = by_key[m.label].get(key)
+            if x is not None and m.label in primaries and x.layer == o.layer:
+                figure8.setdefault((m.label, x.kind), key)
+    kw = {"seed": o.seed, "method": o.method, "dtype": dtype, "device": device}
+
+    def one(key: str) -> tuple[list, list]:
         users = [(m, by_key[m.label][key]) for m in data.members if key in by_key[m.label]]
+        x0 = users[0][1]
+        source = getattr(base_w, "fingerprint", lambda m: None)(x0)  # cache identity
+        W = cache.tag(base_w.weight_for(x0), source)  # (d_out, d_in)
+        # W's top singular triplets once for every adapter, rank and seed: the most any of
+        # them asks for (Table 7: its rank; Figure 8: weight_top), so each later request is
+        # served from the cache (a top-k entry serves k' <= k)
+        need = [y.rank for _, y in users]
+        need += [o.weight_top for n, y in users if figure8.get((n.label, y.kind)) == key]
+        top_singular(W, max(need), method=o.method, seed=o.seed, dtype=dtype)
+        proj, sims = [], []
         for m, x in users:
-            if W is None:
-                source = getattr(base_w, "fingerprint", lambda m: None)(x)  # cache identity
-                W = cache.tag(base_w.weight_for(x), source)  # (d_out, d_in)
-                # W's top singular triplets once for every adapter, rank and seed: the most
-                # any of them asks for (Table 7: its rank; Figure 8: weight_top), so each
-                # later request is served from the cache (a top-k entry serves k' <= k)
-                need = [y.rank for _, y in users]
-                need += [
-                    o.weight_top for n, y in users if n.label in primaries and y.layer == o.layer
-                ]
-                top_singular(W, max(need), method=o.method, seed=o.seed, dtype=dtype)
-            data.projections[m.label].append(module_amplification(x, W, **kw))
+            proj.append((m.label, module_amplification(x, W, **kw)))
             bar.update()
-            if (
-                m.label in primaries
-                and x.layer == o.layer
-                and x.kind not in data.weight_sim[m.label]
-            ):
-                data.weight_sim[m.label][x.kind] = weight_similarity(
-                    x, W, side=o.side, max_i=o.weight_top, **kw
+            if figure8.get((m.label, x.kind)) == key:
+                sims.append(
+                    (
+                        m.label,
+                        x.kind,
+                        weight_similarity(x, W, side=o.side, max_i=o.weight_top, **kw),
+                    )
                 )
                 bar.update()
+        return proj, sims
+
+    for proj, sims in map_modules(one, keys, device):
+        for label, res in proj:
+            data.projections[label].append(res)
+        for label, kind, res in sims:
+            data.weight_sim[label][kind] = res
