@@ -204,6 +204,36 @@ def _bench(cmd: list[str], env: dict, repeat: int = 1, before=None) -> tuple[flo
     return statistics.median(walls), peak
 
 
+_IN_PROCESS = (
+    "import sys, time\n"
+    "from lorascope.formats import load_adapter\n"
+    "from lorascope.analysis import amplify, intruders\n"
+    "from lorascope.cache import SpectralCache\n"
+    "from lorascope.formats import load_base\n"
+    "what, index, adapter, layer, module = sys.argv[1:6]\n"
+    "ad, base, cache = load_adapter(adapter), load_base(index), SpectralCache()\n"
+    "fn = amplify if what == 'amplify' else intruders\n"
+    "t0 = time.perf_counter()\n"
+    "fn(ad, base, layer=int(layer), module=module or None, cache=cache)\n"
+    "print(time.perf_counter() - t0)\n"
+)
+
+
+def in_process(
+    what: str, index: Path, adapter: Path, layer: int, module: str, env: dict, repeat: int
+) -> float:
+    """Median seconds of the analysis call alone (``amplify`` or ``intruders``, warm cache),
+    in fresh processes: interpreter start, imports, and reading the adapter excluded."""
+    import subprocess
+
+    cmd = [sys.executable, "-c", _IN_PROCESS, what, str(index), str(adapter), str(layer), module]
+    times = []
+    for _ in range(repeat):
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        times.append(float(out.split()[-1]))
+    return statistics.median(times)
+
+
 def krylov_vs_arpack(index: Path, layer: int, log) -> list[list[str]]:
     """W's top-16 of the layer's gate projection: the randomized block Krylov route vs the
     ARPACK route it replaced (float32 products, one float64 Rayleigh–Ritz step), in-process."""
@@ -363,6 +393,21 @@ def _run(args: argparse.Namespace, dims: dict, work: Path) -> str:
         case(f"intruders --layer {L}, warm", intr, floor_layer, c, "", R)
         q = [*cli, "intruders", *base, *delta, "--layer", str(L), "--module", "q", *dev]
         case(f"intruders --layer {L} --module q, warm", q, floor_layer / 7, c, "≤ 2 s", R)
+        env_c = {**env, "LORASCOPE_CACHE_DIR": str(c)}
+        t = in_process("intruders", index, adapters[0], L, "q", env_c, R)
+        log(f"intruders q, warm, in-process: {fmt_s(t)}")
+        rows.append(
+            [
+                f"intruders --layer {L} --module q, warm: the analysis alone (in-process)",
+                fmt_s(t),
+                "",
+                fmt_s(floor_layer / 7),
+                f"{t / (floor_layer / 7):.1f}×",
+                "≤ 2 s",
+            ]
+        )
+    torch_s, _ = _bench([py, "-c", "import torch"], env, R)
+    log(f"python -c 'import torch': {fmt_s(torch_s)}")
     krylov = [] if "krylov" in args.skip else krylov_vs_arpack(index, L, log)
 
     shape = f"{dims['h']}/{dims['kv']}/{dims['mlp']}"
@@ -382,7 +427,10 @@ def _run(args: argparse.Namespace, dims: dict, work: Path) -> str:
         "`safe_open` and "
         f"upcasts them to float32 (layer {L}: {fmt_s(floor_layer)}, "
         f"{rss_floor_layer * 1024:,.0f} MiB; all layers: {fmt_s(floor_all)}, "
-        f"{rss_floor_all * 1024:,.0f} MiB). Report and intruders of one module: floor scaled.\n"
+        f"{rss_floor_all * 1024:,.0f} MiB). Report and intruders of one module: floor scaled. "
+        f"A process that only imports torch takes {fmt_s(torch_s)} here; the row marked "
+        "in-process times the analysis call alone in such a process (imports and reading the "
+        "adapter excluded).\n"
     )
     out.append(
         table(["case", "wall", "peak RSS", "read floor", "wall / floor", "target"], rows) + "\n"
