@@ -833,7 +833,8 @@ def top_singular_krylov(
     fresh = _orth(torch.randn(N, step, generator=g, dtype=work).to(W.device))  # (N, step)
     passes = 0
     want_angle = angle_tol is not None
-    best, stalled = math.inf, 0
+    best, stalled, skip = math.inf, 0, 0
+    target = min(math.sqrt(tol / 100), angle_tol / 10 if want_angle else math.inf)
     basis = fresh  # (N, c): orthonormal, grows by `step` per block
     WWb = fresh[:, :0]  # (N, c): Wᵀ W basis, known column for column
     T = torch.zeros(0, 0, dtype=torch.float64, device=W.device)  # basisᵀ WᵀW basis
@@ -844,6 +845,11 @@ def top_singular_krylov(
         side = (basis.mT @ new).double()  # (c, w): the new columns of T (T is symmetric)
         c, w = basis.shape[1], new.shape[1]
         T = torch.cat([torch.cat([T, side[: c - w].mT], 0), side], 1)  # (c, c)
+        if skip > 0 and c + step <= cap and passes + 2 < max_passes and c < N:
+            skip -= 1  # the residual cannot have met the target yet: extend, check later
+            fresh = _orth(new[:, : min(step, cap - c)], basis)  # (N, w) ⟂ basis
+            basis = torch.cat([basis, fresh], 1)
+            continue
         theta, E = torch.linalg.eigh((T + T.mT) / 2)  # ascending
         theta, E = theta.flip(0).clamp_min(0), E.flip(1)  # descending σ̂², Ritz coefficients
         need = min(c, max(b, 2 * step))  # the Ritz vectors used below
@@ -865,6 +871,10 @@ def top_singular_krylov(
         best = min(best, res)
         if (ok and c >= b) or floor or stalled >= 3 or passes + 2 >= max_passes or c >= N:
             break
+        # blocks before the next check (its eigh and residuals cost ~10 % of a 4096-wide
+        # run): the residual falls at most ~10× a block (measured 2–4×), so it cannot meet the
+        # target sooner
+        skip = max(0, math.floor(math.log10(max(res / target, 1.0))) - 1)
         if c + step > cap:  # thick restart: keep the best Ritz vectors and their WᵀW images
             basis, WWb = ritz, WWr
             T = (basis.mT @ WWb).double()  # ≈ diag(θ), recomputed: (need, need)
