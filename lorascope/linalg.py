@@ -31,6 +31,7 @@ __all__ = [
     "top_singular_krylov",
     "TopSVDInfo",
     "TOP_PROVIDER",
+    "WEIGHT_MEMO",
     "blocked_matmul",
     "frobenius_norm",
     "singular_basis",
@@ -275,6 +276,12 @@ def top_singular(
 TOP_PROVIDER: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
     "lorascope_top_provider", default=None
 )
+
+# Small per-weight results that several analyses of one run share (Table 7's ‖W‖_F and random
+# baseline for the adapters of a report): an object with ``recall(W, name)`` (None when
+# absent) and ``keep(W, name, value)``, keyed by ``W``'s content. :mod:`lorascope.cache`
+# installs one for the run (``with cache.active():``); None: nothing is shared.
+WEIGHT_MEMO: contextvars.ContextVar = contextvars.ContextVar("lorascope_weight_memo", default=None)
 
 
 def blocked_matmul(
@@ -925,8 +932,9 @@ def weight_products(
     *,
     dtype: torch.dtype = torch.float64,
     products: torch.dtype | None = None,
+    norm: bool = True,
     block_bytes: int = 4 << 20,
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, float | None]:
     """``W @ V`` and ``‖W‖_F`` from one pass over ``W``, upcast one block of rows at a time.
 
     Parameters
@@ -969,10 +977,13 @@ def weight_products(
     for i in range(0, m, rows):
         blk = W[i : i + rows].to(products)  # (rows, n): the only upcast copy
         torch.mm(blk, Vp, out=out[i : i + rows])  # (rows, n) @ (n, c)
-        flat = (blk if products == torch.float64 else W[i : i + rows]).reshape(-1)
-        flat = flat.to(torch.float64)  # from W as stored: cheaper than from the float32 block
-        total += torch.dot(flat, flat)  # Σ w² in float64 (2.5× faster than a float64 torch.sum)
-    norm = float(total) ** 0.5
-    if products != dtype and not (math.isfinite(norm) and bool(torch.isfinite(out).all())):
-        return weight_products(W, V, dtype=dtype, products=dtype, block_bytes=block_bytes)
-    return out.to(dtype), norm
+        if norm:
+            flat = (blk if products == torch.float64 else W[i : i + rows]).reshape(-1)
+            flat = flat.to(torch.float64)  # from W as stored: cheaper than from float32 blocks
+            total += torch.dot(flat, flat)  # Σ w² in float64 (2.5× faster than torch.sum)
+    size = float(total) ** 0.5 if norm else None
+    if products != dtype and not (math.isfinite(size or 0.0) and bool(torch.isfinite(out).all())):
+        return weight_products(
+            W, V, dtype=dtype, products=dtype, norm=norm, block_bytes=block_bytes
+        )
+    return out.to(dtype), size

@@ -297,6 +297,43 @@ def test_report_decomposes_each_weight_once_for_all_adapters(tmp_path):
             assert row.proj_weight == pytest.approx(float(exact), rel=1e-9), label
 
 
+def test_adapters_of_one_run_share_the_norm_and_random_baseline_of_w(tmp_path):
+    """Within ``cache.active()`` (a report), ‖W‖_F and the random baseline are computed once
+    per (W, k, seed) and equal what each adapter gets alone; another k or seed recomputes."""
+    import lorascope.analysis.projection as projection
+    from lorascope.analysis import module_amplification
+
+    _checkpoint(tmp_path)
+    base = load_base(tmp_path / "base.safetensors")
+    mods = [
+        load_adapter(_adapter(tmp_path / f"a{i}.safetensors", 40, r, i)).modules[0]
+        for i, r in enumerate((4, 4, 2))
+    ]
+    W = base.weight_for(mods[0])
+    alone = [module_amplification(m, W, seed=s) for m in mods for s in (0, 1)]
+    passes = []
+    real = projection.weight_products
+
+    def counting(W, V, **kw):
+        passes.append((V.shape[1], kw.get("norm", True)))
+        return real(W, V, **kw)
+
+    cache = SpectralCache(enabled=False)
+    projection.weight_products = counting
+    try:
+        with cache.active():
+            shared = [module_amplification(m, W, seed=s) for m in mods for s in (0, 1)]
+    finally:
+        projection.weight_products = real
+    for a, b in zip(alone, shared, strict=True):
+        assert (b.norm_weight, b.proj_random) == (a.norm_weight, a.proj_random)
+        # float32 GEMMs of 2k or k columns: the same to float32 rounding
+        assert b.proj_delta == pytest.approx(a.proj_delta, rel=1e-6)
+    assert alone[0].proj_random != alone[1].proj_random  # the seed matters
+    # (r=4, seed 0), (4, 1), then the second r=4 adapter reuses both, then (2, 0), (2, 1)
+    assert passes == [(8, True), (8, True), (4, False), (4, False), (4, True), (4, True)]
+
+
 def test_cli_amplify_caches_and_no_cache_writes_nothing(tmp_path, monkeypatch):
     _checkpoint(tmp_path, d=40)
     _adapter(tmp_path / "a.safetensors", 40, 4, 0)

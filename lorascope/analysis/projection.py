@@ -27,7 +27,7 @@ from lorascope.analysis._common import (
 from lorascope.cache import SpectralCache
 from lorascope.columns import Column, Results, Tabular, ident_columns
 from lorascope.errors import ZeroUpdateError
-from lorascope.linalg import random_orthonormal, top_singular, weight_products
+from lorascope.linalg import WEIGHT_MEMO, random_orthonormal, top_singular, weight_products
 from lorascope.update import dora_gain, full_update_svdvals, with_base
 
 __all__ = ["ProjectionResult", "module_amplification", "amplify"]
@@ -163,15 +163,26 @@ def module_amplification(
     W = W.to(device=svd.U.device)
     k = min(module.rank, *module.shape)
     U, V = svd.U[:, :k], svd.V[:, :k]  # (out, k), (in, k)
-    g = torch.Generator().manual_seed(seed)
-    Ur = random_orthonormal(module.d_out, k, g, dtype=dtype).to(W.device)  # (out, k)
-    Vr = random_orthonormal(module.d_in, k, g, dtype=dtype).to(W.device)  # (in, k)
-    VV = torch.cat([V, Vr], 1)  # (in, 2k)
-    WV, norm_w = weight_products(W, VV, dtype=dtype, products=products)  # (out, 2k), ‖W‖_F
-    if norm_w == 0.0:
-        raise ZeroUpdateError(f"{module.tensor_name()}: the base weight W is all zero")
+    # ‖W‖_F and the random baseline depend on W, k and the seed only: shared by the adapters
+    # of one run (a report's ranks and seeds) through the cache's memo, else computed here
+    memo = WEIGHT_MEMO.get()
+    name = f"table7 k={k} seed={seed} {dtype} {products}"
+    known = memo.recall(W, name) if memo is not None else None
+    if known is None:
+        g = torch.Generator().manual_seed(seed)
+        Ur = random_orthonormal(module.d_out, k, g, dtype=dtype).to(W.device)  # (out, k)
+        Vr = random_orthonormal(module.d_in, k, g, dtype=dtype).to(W.device)  # (in, k)
+        VV = torch.cat([V, Vr], 1)  # (in, 2k)
+        WV, norm_w = weight_products(W, VV, dtype=dtype, products=products)  # (out, 2k)
+        if norm_w == 0.0:
+            raise ZeroUpdateError(f"{module.tensor_name()}: the base weight W is all zero")
+        proj_random = float(torch.linalg.matrix_norm(Ur.mT @ WV[:, k:]))
+        if memo is not None:
+            memo.keep(W, name, (norm_w, proj_random))
+    else:
+        norm_w, proj_random = known
+        WV, _ = weight_products(W, V, dtype=dtype, products=products, norm=False)  # (out, k)
     proj_delta = float(torch.linalg.matrix_norm(U.mT @ WV[:, :k]))  # (k, out) @ (out, k)
-    proj_random = float(torch.linalg.matrix_norm(Ur.mT @ WV[:, k:]))
     proj_weight = bound = None
     if w_baseline:
         top, stats = top_singular(W, k, method=method, seed=seed, dtype=dtype, info=True)

@@ -41,7 +41,7 @@ import torch
 from safetensors import safe_open
 
 from lorascope._files import save_safetensors
-from lorascope.linalg import SVD, TOP_PROVIDER, TopSVDInfo, top_singular
+from lorascope.linalg import SVD, TOP_PROVIDER, WEIGHT_MEMO, TopSVDInfo, top_singular
 
 __all__ = ["SpectralCache", "default_cache_dir", "DEFAULT_MAX_BYTES"]
 
@@ -131,6 +131,7 @@ class SpectralCache:
         # modules may run in threads (lorascope.analysis._common.map_modules): the counters and
         # the in-memory entries change under this lock (files are written atomically anyway)
         self._lock = threading.RLock()
+        self._small: dict[tuple[str, str], object] = {}  # WEIGHT_MEMO's values, this run only
 
     def __repr__(self) -> str:
         state = "" if self.enabled else ", disabled"
@@ -357,17 +358,30 @@ class SpectralCache:
 
         return self.full(W, compute, dtype=dtype)
 
+    def recall(self, W: torch.Tensor, name: str):
+        """This run's value ``name`` of weight ``W`` (:data:`lorascope.linalg.WEIGHT_MEMO`), or
+        None."""
+        return self._small.get((self.key(W), name))
+
+    def keep(self, W: torch.Tensor, name: str, value) -> None:
+        """Remember ``value`` as ``name`` of ``W`` until :meth:`active` ends."""
+        with self._lock:
+            self._small[(self.key(W), name)] = value
+
     @contextlib.contextmanager
     def active(self) -> Iterator[SpectralCache]:
         """Within the block, :func:`lorascope.linalg.top_singular` (and so every analysis that
         needs ``W``'s top singular triplets) asks this cache first. Entries kept in memory for
         the block are dropped when it ends."""
         token = TOP_PROVIDER.set(self.top)
+        memo = WEIGHT_MEMO.set(self)
         try:
             yield self
         finally:
+            WEIGHT_MEMO.reset(memo)
             TOP_PROVIDER.reset(token)
             self._memory.clear()
+            self._small.clear()
             self._sources.clear()
 
     def forget(self) -> None:
