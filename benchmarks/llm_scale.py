@@ -346,13 +346,30 @@ def _run(args: argparse.Namespace, dims: dict, work: Path) -> str:
         target: str,
         repeat: int = 1,
         cold: bool = False,
+        floor_keys: list[str] | None = None,
     ) -> None:
-        """``repeat`` runs, median; ``cold``: the cache emptied before each."""
-        before = (lambda: shutil.rmtree(cache, ignore_errors=True)) if cold else None
-        wall, rss = _bench(cmd, {**env, "LORASCOPE_CACHE_DIR": str(cache)}, repeat, before)
-        log(f"{label}: {fmt_s(wall)}, {rss:.2f} GiB")
-        ratio = f"{wall / floor:.1f}×"
-        rows.append([label, fmt_s(wall), f"{rss * 1024:,.0f} MiB", fmt_s(floor), ratio, target])
+        """``repeat`` runs, median; ``cold``: the cache emptied before each. ``floor_keys``:
+        each run paired with a floor run reading those tensors just before it, and the ratio
+        the median of the pairs' ratios (this machine drifts by 20–30 % over minutes)."""
+        walls, floors, peak = [], [], 0.0
+        for _ in range(repeat):
+            if cold:
+                shutil.rmtree(cache, ignore_errors=True)
+            if floor_keys is not None:
+                floors.append(_bench([py, "-c", _FLOOR, str(index), *floor_keys], env)[0])
+            wall, rss = _bench(cmd, {**env, "LORASCOPE_CACHE_DIR": str(cache)})
+            walls.append(wall)
+            peak = max(peak, rss)
+        wall = statistics.median(walls)
+        if floors:
+            floor = statistics.median(floors)
+            ratio = statistics.median(w / f for w, f in zip(walls, floors, strict=True))
+        else:
+            ratio = wall / floor
+        log(f"{label}: {fmt_s(wall)}, {peak:.2f} GiB, floor {fmt_s(floor)}, {ratio:.2f}×")
+        rows.append(
+            [label, fmt_s(wall), f"{peak * 1024:,.0f} MiB", fmt_s(floor), f"{ratio:.1f}×", target]
+        )
 
     def fresh(name: str) -> Path:
         d = work / "cache" / name
@@ -363,8 +380,9 @@ def _run(args: argparse.Namespace, dims: dict, work: Path) -> str:
     if "amplify-layer" not in args.skip:
         c = fresh("amplify-layer")
         amp = [*cli, "amplify", *base, *delta, "--layer", str(L), *dev]
-        case(f"amplify --layer {L}, cold", amp, floor_layer, c, "≤ 3× floor", R, cold=True)
-        case(f"amplify --layer {L}, warm", amp, floor_layer, c, "≤ 1.5× floor", R)
+        lk = _keys([L])
+        case(f"amplify --layer {L}, cold", amp, floor_layer, c, "≤ 3× floor", R, True, lk)
+        case(f"amplify --layer {L}, warm", amp, floor_layer, c, "≤ 1.5× floor", R, False, lk)
         case(
             f"amplify --layer {L} --no-w-baseline",
             [*amp, "--no-w-baseline"],
@@ -373,6 +391,7 @@ def _run(args: argparse.Namespace, dims: dict, work: Path) -> str:
             "≤ 1.5× floor",
             R,
             cold=True,
+            floor_keys=lk,
         )
     if "amplify-all" not in args.skip:
         c = fresh("amplify-all")
@@ -390,9 +409,11 @@ def _run(args: argparse.Namespace, dims: dict, work: Path) -> str:
         c = fresh("intruders")
         intr = [*cli, "intruders", *base, *delta, "--layer", str(L), *dev]
         case(f"intruders --layer {L}, cold", intr, floor_layer, c, "")
-        case(f"intruders --layer {L}, warm", intr, floor_layer, c, "", R)
+        case(f"intruders --layer {L}, warm", intr, floor_layer, c, "", R, False, _keys([L]))
         q = [*cli, "intruders", *base, *delta, "--layer", str(L), "--module", "q", *dev]
-        case(f"intruders --layer {L} --module q, warm", q, floor_layer / 7, c, "≤ 2 s", R)
+        qk = [f"{_name(L, 'q')}.weight"]
+        floor_q = _bench([py, "-c", _FLOOR, str(index), *qk], env, R)[0]
+        case(f"intruders --layer {L} --module q, warm", q, floor_q, c, "≤ 2 s", R, False, qk)
         env_c = {**env, "LORASCOPE_CACHE_DIR": str(c)}
         t = in_process("intruders", index, adapters[0], L, "q", env_c, R)
         log(f"intruders q, warm, in-process: {fmt_s(t)}")
@@ -401,8 +422,8 @@ def _run(args: argparse.Namespace, dims: dict, work: Path) -> str:
                 f"intruders --layer {L} --module q, warm: the analysis alone (in-process)",
                 fmt_s(t),
                 "",
-                fmt_s(floor_layer / 7),
-                f"{t / (floor_layer / 7):.1f}×",
+                fmt_s(floor_q),
+                f"{t / floor_q:.1f}×",
                 "≤ 2 s",
             ]
         )
@@ -419,16 +440,16 @@ def _run(args: argparse.Namespace, dims: dict, work: Path) -> str:
         f"gate, up, down, bf16, {args.shards} shards + index, {size / 2**30:.1f} GiB; synthetic "
         "weights with a decaying spectrum) and r = 16 PEFT adapters on all 7 projections. Each "
         "case is a fresh `python -m lorascope …` process (interpreter start and imports "
-        f"included), page cache warm; one-layer and one-module cases and the floors: the median "
-        f"of {args.repeat} runs (this machine's timings vary by 20–30 % from run to run); peak "
-        "RSS is the largest `getrusage` high-water mark. *Cold*: an empty spectral cache "
-        "(`LORASCOPE_CACHE_DIR`), emptied before each run; *warm*: the cache the cold run "
-        "filled. The floor is a fresh process that reads the same tensors once with "
-        "`safe_open` and "
-        f"upcasts them to float32 (layer {L}: {fmt_s(floor_layer)}, "
-        f"{rss_floor_layer * 1024:,.0f} MiB; all layers: {fmt_s(floor_all)}, "
-        f"{rss_floor_all * 1024:,.0f} MiB). Report and intruders of one module: floor scaled. "
-        f"A process that only imports torch takes {fmt_s(torch_s)} here; the row marked "
+        f"included), page cache warm; peak RSS is the largest `getrusage` high-water mark. "
+        "*Cold*: an empty spectral cache (`LORASCOPE_CACHE_DIR`), emptied before each run; "
+        "*warm*: the cache the cold run filled. The floor is a fresh process that reads the "
+        "same tensors once with `safe_open` and upcasts them to float32 (layer "
+        f"{L}: {fmt_s(floor_layer)}, {rss_floor_layer * 1024:,.0f} MiB; all layers: "
+        f"{fmt_s(floor_all)}, {rss_floor_all * 1024:,.0f} MiB; medians of {args.repeat}). "
+        f"One-layer and one-module cases: {args.repeat} runs, each just after a run of its own "
+        "floor; wall and floor are medians, the ratio the median of the pairs' ratios (this "
+        "machine's timings drift by 20–30 % over minutes). The report's floor is the all-layer "
+        f"one. A process that only imports torch takes {fmt_s(torch_s)} here; the row marked "
         "in-process times the analysis call alone in such a process (imports and reading the "
         "adapter excluded).\n"
     )
