@@ -741,6 +741,15 @@ def _gram(W: torch.Tensor, X: torch.Tensor, flip: bool, work: torch.dtype) -> to
             out.addmm_(blk, blk.mT @ X)  # (m, cols) @ ((cols, m) @ (m, w))
         return out
     rows = max(1, (4 << 20) // max(1, n * size))
+    if torch.get_num_threads() == 1 and W.device.type == "cpu":
+        # one thread (modules in parallel, analysis._common.map_modules): both products as
+        # row-major GEMMs into (Wᵀ W X)ᵀ, measured 70 ms against 101 ms at 14336 × 4096
+        # (with two threads the other order is faster: 54 ms against 61 ms)
+        outT, XT = out.mT.contiguous(), X.mT.contiguous()  # (w, N), (w, n)
+        for i in range(0, m, rows):
+            blk = W[i : i + rows].to(work)  # (rows, n)
+            outT.addmm_(XT @ blk.mT, blk)  # ((w, n) @ (n, rows)) @ (rows, n)
+        return outT.mT
     for i in range(0, m, rows):
         blk = W[i : i + rows].to(work)  # (rows, n)
         out.addmm_(blk.mT, blk @ X)  # (n, rows) @ ((rows, n) @ (n, w))
