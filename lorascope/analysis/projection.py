@@ -134,10 +134,11 @@ def module_amplification(
         factorization of ``W``); False leaves it None and costs one read of ``W``.
     products : torch.dtype, optional
         Precision of the GEMMs with ``W`` (:func:`lorascope.linalg.weight_products`). None:
-        float32 when ``W``'s stored values are exact in float32 (fp16/bf16/fp32), which keeps
-        ``proj_delta`` and ``proj_random`` within 1e-6 of float64 products (measured 4e-8 or
-        better on Llama-shaped and MiniLM weights) at a third of the cost; ``torch.float64``
-        for products accurate to rounding.
+        float32 when ``W``'s stored values are exact in float32 (fp16/bf16/fp32) and
+        ``k >= 8``, which keeps ``proj_delta`` and ``proj_random`` within about 1e-6 of float64
+        products (measured 4e-8 or better at k = 16 on Llama-shaped weights) at a third of the
+        cost; float64 below ``k = 8``, where a few cancelling entries are not averaged out
+        (1e-5 seen at k = 1); ``torch.float64`` for products accurate to rounding.
 
     Returns
     -------
@@ -163,6 +164,11 @@ def module_amplification(
     W = W.to(device=svd.U.device)
     k = min(module.rank, *module.shape)
     U, V = svd.U[:, :k], svd.V[:, :k]  # (out, k), (in, k)
+    if products is None and k < 8:
+        # float32 errors are averaged over the k² entries of Uᵀ W V: at k = 1, 2 one entry of
+        # the MiniLM sample base moved by up to 1e-5 relative (a cancelling inner product);
+        # few columns cost little in float64
+        products = dtype
     # ‖W‖_F and the random baseline depend on W, k and the seed only: shared by the adapters
     # of one run (a report's ranks and seeds) through the cache's memo, else computed here
     memo = WEIGHT_MEMO.get()
